@@ -1,0 +1,103 @@
+"""Ratios and group aggregates derived from a run's stored counts.
+
+The store keeps raw counts; every ratio a report shows is derived here, so the
+definitions live in one place:
+
+* update sparsity ``1 - |M| / n`` (Def. 2.2), per group ``1 - sum|M| / sum n``;
+* overlap ``|X ∩ M| / |M|`` (Sec. 4.2), per group ``sum|X ∩ M| / sum|M|``;
+* random baseline of an overlap: the density of X (alpha for the principal and
+  low masks), per group weighted by each matrix's ``|M|``, i.e. the overlap if
+  every matrix's changes fell uniformly at random inside it;
+* precision null (``precision_null``), per group weighted the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .store import Run, ParamInfo
+from .store.schema import COUNT_FIELDS, REFERENCE_MASKS
+
+__all__ = ["GroupStats", "group_stats", "by_module_type", "by_role", "by_layer", "everything_linear"]
+
+_INTERSECTION_FIELDS = ("changed_and_principal", "changed_and_low", "changed_and_principal_not_low")
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-snapshot statistics of a group of matrices; arrays have shape (T,)."""
+
+    name: str
+    num_matrices: int
+    numel: int
+    changed: np.ndarray
+    sparsity: np.ndarray
+    flips_since_previous: np.ndarray
+    overlap: dict[str, np.ndarray]
+    random_baseline: dict[str, np.ndarray]
+    null: dict[str, np.ndarray]
+
+
+def by_module_type(p: ParamInfo) -> str | None:
+    """Linear matrices by module type (q, k, v, o, gate, up, down); other roles by role."""
+    return p.module_type if p.role == "linear" else p.role
+
+
+def by_role(p: ParamInfo) -> str | None:
+    return p.role
+
+
+def by_layer(p: ParamInfo) -> str | None:
+    """Linear matrices by block index; matrices outside blocks are left out."""
+    return f"layer {p.layer}" if p.role == "linear" and p.layer >= 0 else None
+
+
+def everything_linear(p: ParamInfo) -> str | None:
+    """All linear matrices as one group (the paper's global numbers)."""
+    return "all linear" if p.role == "linear" else None
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def group_stats(run: Run, key: Callable[[ParamInfo], str | None]) -> dict[str, GroupStats]:
+    """Aggregate a run's counts over the groups that ``key`` assigns (None leaves a matrix out)."""
+    groups: dict[str, list[int]] = {}
+    for p in run.params:
+        name = key(p)
+        if name is not None:
+            groups.setdefault(name, []).append(p.index)
+    counts = run.counts.astype(np.float64)  # (T, P, F)
+    numel = np.array([p.numel for p in run.params], dtype=np.float64)
+    mask_sizes = run.base_class_counts[:, 1:, :].sum(axis=2).astype(np.float64)  # (P, 3)
+    null = run.null_overlap  # (T, P, 3)
+    changed_all = counts[:, :, COUNT_FIELDS.index("changed")]
+    result = {}
+    for name, idx in groups.items():
+        changed = changed_all[:, idx]
+        total_changed = changed.sum(axis=1)
+        n = numel[idx].sum()
+        overlap, baseline, null_g = {}, {}, {}
+        for j, (mask, field) in enumerate(zip(REFERENCE_MASKS, _INTERSECTION_FIELDS)):
+            inter = counts[:, idx, COUNT_FIELDS.index(field)].sum(axis=1)
+            overlap[mask] = _ratio(inter, total_changed)
+            density = mask_sizes[idx, j] / numel[idx]
+            baseline[mask] = _ratio((changed * density).sum(axis=1), total_changed)
+            null_g[mask] = _ratio(np.nansum(changed * null[:, idx, j], axis=1), total_changed)
+        result[name] = GroupStats(
+            name=name,
+            num_matrices=len(idx),
+            numel=int(n),
+            changed=total_changed,
+            sparsity=1.0 - total_changed / n,
+            flips_since_previous=counts[:, idx, COUNT_FIELDS.index("flips_since_previous")].sum(axis=1),
+            overlap=overlap,
+            random_baseline=baseline,
+            null=null_g,
+        )
+    return result

@@ -1,0 +1,73 @@
+"""The monitor's configuration: one keyword-only dataclass, validated on creation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["MonitorConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitorConfig:
+    """What the monitor measures and how often. Every field is recorded in the run store.
+
+    Attributes:
+        every_n_steps: snapshot every N real optimizer steps (steps that ran;
+            skipped GradScaler / non-finite steps do not count).
+        principal_rank: k of the principal mask, top-alpha of |rank-k SVD
+            reconstruction of W0| (paper Sec. 4.2). Capped at min(m, n).
+        alpha: fraction selected by the principal and low-magnitude masks
+            (the random-baseline overlap).
+        include_linear: monitor 2-D weights of linear layers (the default set).
+        include_embeddings: also monitor embedding tables (reported separately).
+        include_lm_head: also monitor an untied output head (reported separately).
+        include_norms: also monitor norm weights/biases (as 1 x n matrices).
+        include_biases: also monitor biases of linear layers (as 1 x n matrices).
+        name_pattern: if set, only parameters whose name matches this regular
+            expression (``re.search``) are monitored.
+        snapshot_on_close: take a last snapshot at ``close()`` if the last real
+            step has none yet.
+        max_warnings_per_param: how many non-finite warnings one parameter may log.
+    """
+
+    every_n_steps: int = 10
+    principal_rank: int = 64
+    alpha: float = 0.5
+    include_linear: bool = True
+    include_embeddings: bool = False
+    include_lm_head: bool = False
+    include_norms: bool = False
+    include_biases: bool = False
+    name_pattern: str | None = None
+    snapshot_on_close: bool = True
+    max_warnings_per_param: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
+            raise ConfigError(f"every_n_steps must be an integer >= 1, got {self.every_n_steps!r}")
+        if not isinstance(self.principal_rank, int) or self.principal_rank < 1:
+            raise ConfigError(f"principal_rank must be an integer >= 1, got {self.principal_rank!r}")
+        if not 0.0 < float(self.alpha) < 1.0:
+            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha!r}")
+        if self.max_warnings_per_param < 0:
+            raise ConfigError(f"max_warnings_per_param must be >= 0, got {self.max_warnings_per_param!r}")
+        if self.name_pattern is not None:
+            try:
+                re.compile(self.name_pattern)
+            except re.error as exc:
+                raise ConfigError(f"name_pattern is not a valid regular expression: {self.name_pattern!r} ({exc})") from exc
+        if not any(
+            (self.include_linear, self.include_embeddings, self.include_lm_head, self.include_norms, self.include_biases)
+        ):
+            raise ConfigError("at least one include_* field must be True, got all False")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (stored in the run metadata)."""
+        return asdict(self)

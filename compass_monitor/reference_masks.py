@@ -1,0 +1,77 @@
+"""Masks computed once from the base weights W0 (paper Sec. 4.2).
+
+* principal mask ``M_princ = Top_alpha(|W0^(k)|)``, where ``W0^(k)`` is the
+  rank-k SVD reconstruction of W0 ("principal weights", Liu et al. 2025c);
+* low-magnitude mask ``M_low = Bottom_alpha(|W0|)``;
+* ``M_princ ∩ M_low^c``, the principal weights that are not small.
+
+Selections are exact: ``floor(alpha * n)`` elements, chosen by a ``kthvalue``
+threshold and, among elements equal to the threshold, the lowest flat
+(row-major) indices first. That is the order of a stable sort, so the numpy
+reference ``np.argsort(-score, kind="stable")[:count]`` selects the same
+elements. ``torch.quantile`` is not used: it refuses inputs over 2^24 elements.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["low_rank_reconstruction", "low_magnitude_mask", "principal_mask", "select_count", "top_count_mask"]
+
+
+def select_count(numel: int, alpha: float) -> int:
+    """Number of elements a top/bottom-alpha mask selects: ``floor(alpha * n)``."""
+    return int(math.floor(alpha * numel))
+
+
+def top_count_mask(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the ``count`` largest entries of ``score`` (ties: lowest index first).
+
+    Args:
+        score: any-shaped floating tensor without NaN.
+        count: 0 <= count <= score.numel().
+    """
+    flat = score.reshape(-1)
+    n = flat.numel()
+    if not 0 <= count <= n:
+        raise ValueError(f"count must be in [0, {n}], got {count}")
+    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if count == 0:
+        return mask.view(score.shape)
+    if count == n:
+        return mask.fill_(True).view(score.shape)
+    # The count-th largest is the (n - count + 1)-th smallest.
+    threshold = flat.kthvalue(n - count + 1).values
+    above = flat > threshold
+    missing = count - int(above.sum())
+    ties = torch.nonzero(flat == threshold).reshape(-1)[:missing]
+    mask |= above
+    mask[ties] = True
+    return mask.view(score.shape)
+
+
+def low_rank_reconstruction(w0: torch.Tensor, rank: int) -> torch.Tensor:
+    """``W0^(k) = U_k diag(s_k) V_k^T`` in float32 (float64 stays float64).
+
+    If ``rank >= min(m, n)`` the reconstruction is W0 itself (no SVD).
+    """
+    work = w0.detach().to(torch.float64 if w0.dtype == torch.float64 else torch.float32)
+    if rank >= min(work.shape):
+        return work
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def principal_mask(w0: torch.Tensor, rank: int, alpha: float) -> torch.Tensor:
+    """``M_princ``: top-alpha of ``|rank-k reconstruction of W0|`` (Sec. 4.2)."""
+    score = low_rank_reconstruction(w0, rank).abs()
+    return top_count_mask(score, select_count(score.numel(), alpha))
+
+
+def low_magnitude_mask(w0: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``M_low``: bottom-alpha of ``|W0|`` (Sec. 4.2); ties at the threshold by lowest index."""
+    magnitude = w0.detach().float().abs()
+    # Bottom-alpha of |w| is top-alpha of -|w|; the tie order (lowest index) is kept.
+    return top_count_mask(-magnitude, select_count(magnitude.numel(), alpha))

@@ -1,0 +1,72 @@
+"""Names and constants of the run store's on-disk layout (schema version 1).
+
+The layout is documented for people in ``docs/store-schema.md``; this module is
+its single source of truth for code. Parameter names never become paths: each
+monitored parameter gets an id ``p0000``, ``p0001``, ... and the names live in
+the root group's attributes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FORMAT_NAME",
+    "COMMIT_FILE",
+    "COUNT_FIELDS",
+    "REFERENCE_MASKS",
+    "param_id",
+    "StoreError",
+    "StoreExistsError",
+    "NotARunError",
+    "SchemaVersionError",
+]
+
+FORMAT_NAME = "compass-monitor-run"
+SCHEMA_VERSION = 1
+#: JSON file replaced atomically after each snapshot; readers read only up to it.
+COMMIT_FILE = "commit.json"
+
+#: Columns of ``metrics/counts`` (T, P, len(COUNT_FIELDS)), int64.
+COUNT_FIELDS = (
+    "changed",  # |M|, weights whose bf16 value differs from the base (NaN counts as changed)
+    "changed_and_principal",  # |M ∩ M_princ|
+    "changed_and_low",  # |M ∩ M_low|
+    "changed_and_principal_not_low",  # |M ∩ M_princ ∩ M_low^c|
+    "flips_since_previous",  # |M_t xor M_{t-1}| (M_{-1} = empty)
+    "nonfinite",  # NaN or Inf values in the current weights
+)
+#: Rows of ``masks/reference/<id>`` (3, nbytes), and of ``metrics/null_overlap``'s last axis.
+REFERENCE_MASKS = ("principal", "low", "principal_not_low")
+
+# Array paths inside the group.
+BASE_FINGERPRINT = "base/fingerprint"
+BASE_CLASS_COUNTS = "base/class_counts"
+REFERENCE_PREFIX = "masks/reference"
+CHANGED_PREFIX = "masks/changed"
+ROWS_PREFIX = "profiles/rows"
+COLS_PREFIX = "profiles/cols"
+STEPS = "snapshots/step"
+TIMES = "snapshots/time"
+COUNTS = "metrics/counts"
+NULL_OVERLAP = "metrics/null_overlap"
+
+
+def param_id(index: int) -> str:
+    """Store id of the index-th monitored parameter."""
+    return f"p{index:04d}"
+
+
+class StoreError(RuntimeError):
+    """The run store cannot be created, opened or written as asked."""
+
+
+class StoreExistsError(StoreError):
+    """The target path already holds a run or other data."""
+
+
+class NotARunError(StoreError):
+    """The path is not a compass-monitor run store."""
+
+
+class SchemaVersionError(StoreError):
+    """The store was written by a newer compass-monitor."""

@@ -1,0 +1,76 @@
+"""Plain-text summary of a run: the table ``compass-monitor summary`` prints."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .aggregates import by_module_type, everything_linear, group_stats
+from .store import Run
+
+__all__ = ["summary_text"]
+
+_TYPE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "embedding", "lm_head", "norm", "bias")
+_MASK_LABELS = (("principal", "princ"), ("low", "low"), ("principal_not_low", "p¬low"))
+
+
+def _fmt(x: float, width: int = 6, digits: int = 3) -> str:
+    return f"{'-':>{width}}" if not np.isfinite(x) else f"{x:>{width}.{digits}f}"
+
+
+def _select_rows(num: int, max_rows: int) -> list[int]:
+    if num <= max_rows:
+        return list(range(num))
+    # Evenly spaced, always ending on the latest snapshot.
+    return sorted(set(np.linspace(0, num - 1, max_rows).round().astype(int).tolist()))
+
+
+def summary_text(run: Run, *, max_rows: int = 20) -> str:
+    """A readable table: step, global sparsity, sparsity per module type, overlaps vs baselines."""
+    lines = []
+    run_info = run.attrs.get("run", {})
+    numel = sum(p.numel for p in run.params)
+    heartbeat = run.commit.get("heartbeat")
+    age = f", last write {time.time() - heartbeat:.0f}s ago" if heartbeat else ""
+    alpha = run.config.get("alpha", float("nan"))
+    lines.append(
+        f"run {run_info.get('name', run.path.name)!r} [{run.status}{age}]: {len(run.params)} matrices, "
+        f"{numel / 1e6:.2f}M weights, {run.num_snapshots} snapshots, every {run.config.get('every_n_steps', '?')} steps"
+    )
+    if run.num_snapshots == 0:
+        lines.append("no committed snapshots yet")
+        return "\n".join(lines)
+
+    overall = group_stats(run, everything_linear).get("all linear")
+    types = group_stats(run, by_module_type)
+    ordered = [t for t in _TYPE_ORDER if t in types] + sorted(t for t in types if t not in _TYPE_ORDER)
+
+    lines.append("")
+    lines.append(f"update sparsity (1 - |M|/n, Def. 2.2) and overlap |X∩M|/|M| with X = principal (k={run.config.get('principal_rank')}), low, principal-not-low")
+    lines.append(f"  'rand' = random baseline (density of X; alpha={alpha}), 'null' = precision null (geometry-blind noise, same |M|)")
+    header = f"{'step':>7} {'all':>6} " + " ".join(f"{t[:6]:>6}" for t in ordered)
+    for _, label in _MASK_LABELS:
+        header += f" | {label:>6} {'rand':>5} {'null':>5}"
+    lines.append(header)
+    for t in _select_rows(run.num_snapshots, max_rows):
+        row = f"{int(run.steps[t]):>7} {_fmt(overall.sparsity[t]) if overall else _fmt(np.nan)} "
+        row += " ".join(_fmt(types[name].sparsity[t]) for name in ordered)
+        for mask, _ in _MASK_LABELS:
+            stats = overall
+            if stats is None:
+                row += f" | {_fmt(np.nan)} {_fmt(np.nan, 5, 2)} {_fmt(np.nan, 5, 2)}"
+                continue
+            row += f" | {_fmt(stats.overlap[mask][t])} {_fmt(stats.random_baseline[mask][t], 5, 2)} {_fmt(stats.null[mask][t], 5, 3)}"
+        lines.append(row)
+
+    last = run.num_snapshots - 1
+    lines.append("")
+    lines.append(f"at step {int(run.steps[last])}, per module type:")
+    lines.append(f"{'type':>10} {'mats':>5} {'weights':>10} {'sparsity':>9}" + "".join(f" | {label:>6} {'null':>6}" for _, label in _MASK_LABELS))
+    for name in ordered:
+        s = types[name]
+        row = f"{name:>10} {s.num_matrices:>5} {s.numel:>10} {_fmt(s.sparsity[last], 9, 4)}"
+        row += "".join(f" | {_fmt(s.overlap[m][last])} {_fmt(s.null[m][last])}" for m, _ in _MASK_LABELS)
+        lines.append(row)
+    return "\n".join(lines)
