@@ -1,15 +1,20 @@
 """Per-matrix work on the parameters' device: base capture once, measurement per snapshot.
 
-The measurement is the monitor's hot path. It runs a few elementwise passes
-over the weights and reductions that stay on the device; nothing here moves
-data to the host or synchronises (the monitor gathers all results of a
-snapshot and copies them to the host once).
+The measurement is the monitor's hot path. On an accelerator it runs a few
+elementwise passes and reductions that stay on the device; nothing moves data
+to the host or synchronises (the monitor gathers all results of a snapshot and
+copies them to the host once). On the CPU the same computation runs in numpy
+on zero-copy views of the tensors: torch's CPU kernels for int16/uint8
+bit operations are one to two orders of magnitude slower than numpy's
+(``bench/bench_snapshot_cpu.py``). Both paths are tested against the same
+float64 reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .bf16 import bf16_bits, canonical_bits, changed_from_bits, ABS_MASK, INF_BITS
@@ -109,12 +114,64 @@ def capture_base(spec: ParamSpec, weight: torch.Tensor, *, rank: int, alpha: flo
     return state, counts, base_fingerprint(bits), nonfinite
 
 
-def measure(state: MatrixBase, weight: torch.Tensor) -> Measurement:
+def measure(state: MatrixBase, weight: torch.Tensor, *, backend: str = "auto") -> Measurement:
     """Changed mask and its counts for one matrix (Def. 2.2, Sec. 2.2, Sec. 4.2).
 
     counts = [|M|, |M ∩ P|, |M ∩ L|, |M ∩ P ∩ L^c|, |M xor M_prev|, #non-finite];
     rows[i] = sum_j M_ij (rho_i = rows[i] / n); cols[j] = sum_i M_ij (kappa_j = cols[j] / m).
+
+    Args:
+        backend: ``auto`` (numpy for CPU tensors, torch otherwise), ``numpy`` or ``torch``.
     """
+    if backend == "auto":
+        backend = "numpy" if weight.device.type == "cpu" else "torch"
+    match backend:
+        case "numpy":
+            return _measure_numpy(state, weight)
+        case "torch":
+            return _measure_torch(state, weight)
+        case _:
+            raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
+
+
+def _measure_numpy(state: MatrixBase, weight: torch.Tensor) -> Measurement:
+    current = bf16_bits(as_matrix(weight, state.spec)).numpy()
+    base = state.base_bits.numpy()
+    # base is canonical (never -0): a -0 in current differs bitwise from a +0
+    # base, and the magnitude test below calls that pair equal.
+    changed = (current != base) & (((current | base) & ABS_MASK) != 0)
+    nonfinite = np.count_nonzero((current & ABS_MASK) >= INF_BITS)
+    if nonfinite:  # rare: NaN is always changed, whatever the base held
+        changed |= (current & ABS_MASK) > INF_BITS
+    packed = np.packbits(changed)
+    ref = state.reference_packed.numpy()
+    previous = state.previous_packed.numpy()
+    counts = np.array(
+        [
+            _popcount_np(packed),
+            _popcount_np(packed & ref[0]),
+            _popcount_np(packed & ref[1]),
+            _popcount_np(packed & ref[2]),
+            _popcount_np(packed ^ previous),
+            nonfinite,
+        ],
+        dtype=np.int64,
+    )
+    packed_t = torch.from_numpy(packed)
+    state.previous_packed = packed_t
+    return Measurement(
+        counts=torch.from_numpy(counts),
+        rows=torch.from_numpy(changed.sum(axis=1, dtype=np.int32)),
+        cols=torch.from_numpy(changed.sum(axis=0, dtype=np.int32)),
+        packed=packed_t,
+    )
+
+
+def _popcount_np(packed: np.ndarray) -> int:
+    return int(np.bitwise_count(packed).sum(dtype=np.int64))
+
+
+def _measure_torch(state: MatrixBase, weight: torch.Tensor) -> Measurement:
     current = bf16_bits(as_matrix(weight, state.spec))
     changed = changed_from_bits(current, state.base_bits)
     packed = pack_bits(changed)

@@ -204,7 +204,7 @@ class CompassMonitor:
         self.disabled_reason = reason
         self._detach()
         try:
-            self.writer.finalize(status="disabled")
+            self.writer.mark("disabled")
         except Exception as exc:
             log.error("compass-monitor: could not mark the run store disabled: %s", exc)
 

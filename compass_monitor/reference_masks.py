@@ -53,15 +53,29 @@ def top_count_mask(score: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def low_rank_reconstruction(w0: torch.Tensor, rank: int) -> torch.Tensor:
-    """``W0^(k) = U_k diag(s_k) V_k^T`` in float32 (float64 stays float64).
+    """``W0^(k) = U_k diag(s_k) V_k^T``, the best rank-k approximation.
 
-    If ``rank >= min(m, n)`` the reconstruction is W0 itself (no SVD).
+    Returned in float32 (float64 for float64 input).
+
+    Computed as the projection of W0 onto its top-k singular subspace of the
+    smaller side, found from the float64 Gram matrix of that side
+    (``torch.linalg.eigh``): exact up to float64 rounding, and much cheaper
+    than a full SVD for tall matrices and on GPUs. If ``rank >= min(m, n)`` the
+    reconstruction is W0 itself.
     """
-    work = w0.detach().to(torch.float64 if w0.dtype == torch.float64 else torch.float32)
-    if rank >= min(work.shape):
+    out_dtype = torch.float64 if w0.dtype == torch.float64 else torch.float32
+    work = w0.detach().to(out_dtype)
+    m, n = work.shape
+    if rank <= 0:
+        return torch.zeros_like(work)
+    if rank >= min(m, n):
         return work
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+    # Orient so that the Gram matrix is of the smaller side.
+    a = work.double() if m >= n else work.double().T
+    _, vectors = torch.linalg.eigh(a.T @ a)  # ascending eigenvalues
+    top = vectors[:, -rank:]
+    projected = (a @ top) @ top.T
+    return (projected if m >= n else projected.T).to(out_dtype)
 
 
 def principal_mask(w0: torch.Tensor, rank: int, alpha: float) -> torch.Tensor:
@@ -72,6 +86,7 @@ def principal_mask(w0: torch.Tensor, rank: int, alpha: float) -> torch.Tensor:
 
 def low_magnitude_mask(w0: torch.Tensor, alpha: float) -> torch.Tensor:
     """``M_low``: bottom-alpha of ``|W0|`` (Sec. 4.2); ties at the threshold by lowest index."""
-    magnitude = w0.detach().float().abs()
+    w = w0.detach()
+    magnitude = (w if w.dtype == torch.float64 else w.float()).abs()
     # Bottom-alpha of |w| is top-alpha of -|w|; the tie order (lowest index) is kept.
     return top_count_mask(-magnitude, select_count(magnitude.numel(), alpha))

@@ -80,6 +80,9 @@ class RunWriter:
         self._capacity = 0
         self._last_step: int | None = None
         self._growing: list[zarr.Array] = []
+        # Open handles, so that appending never re-reads array metadata.
+        self._per_param: list[tuple[zarr.Array, zarr.Array, zarr.Array]] = []
+        self._reference: list[zarr.Array] = []
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, params: list[ParamSpec], attributes: dict[str, Any]) -> "RunWriter":
@@ -123,30 +126,32 @@ class RunWriter:
     def _create_arrays(self) -> None:
         p = len(self._params)
         t = _INITIAL_CAPACITY
-        self._growing = [
-            self._array(schema.STEPS, (t,), (1024,), "int64", -1),
-            self._array(schema.TIMES, (t,), (1024,), "float64", float("nan")),
-            self._array(schema.COUNTS, (t, p, len(schema.COUNT_FIELDS)), (1, p, len(schema.COUNT_FIELDS)), "int64"),
-            self._array(schema.NULL_OVERLAP, (t, p, len(schema.REFERENCE_MASKS)), (1, p, len(schema.REFERENCE_MASKS)), "float64", float("nan")),
-        ]
+        fields, masks = len(schema.COUNT_FIELDS), len(schema.REFERENCE_MASKS)
+        self._steps = self._array(schema.STEPS, (t,), (1024,), "int64", -1)
+        self._times = self._array(schema.TIMES, (t,), (1024,), "float64", float("nan"))
+        self._counts = self._array(schema.COUNTS, (t, p, fields), (1, p, fields), "int64")
+        self._null = self._array(schema.NULL_OVERLAP, (t, p, masks), (1, p, masks), "float64", float("nan"))
+        self._growing = [self._steps, self._times, self._counts, self._null]
         for i, spec in enumerate(self._params):
             pid = schema.param_id(i)
             m, n = spec.shape
             nbytes = (m * n + 7) // 8
-            self._array(f"{schema.REFERENCE_PREFIX}/{pid}", (len(schema.REFERENCE_MASKS), nbytes), (1, nbytes), "uint8")
-            self._growing += [
+            self._reference.append(self._array(f"{schema.REFERENCE_PREFIX}/{pid}", (masks, nbytes), (1, nbytes), "uint8"))
+            arrays = (
                 self._array(f"{schema.CHANGED_PREFIX}/{pid}", (t, nbytes), (1, nbytes), "uint8"),
                 self._array(f"{schema.ROWS_PREFIX}/{pid}", (t, m), (1, m), "int32"),
                 self._array(f"{schema.COLS_PREFIX}/{pid}", (t, n), (1, n), "int32"),
-            ]
+            )
+            self._per_param.append(arrays)
+            self._growing += arrays
         self._capacity = t
 
     def write_base(self, *, fingerprints: np.ndarray, class_counts: np.ndarray, reference_packed: list[np.ndarray]) -> None:
         """Store what is computed once from W0: fingerprints, spacing classes, reference masks."""
         self._group.create_array(schema.BASE_FINGERPRINT, data=np.asarray(fingerprints, dtype=np.int64), compressors=_ZSTD)
         self._group.create_array(schema.BASE_CLASS_COUNTS, data=np.asarray(class_counts, dtype=np.int64), compressors=_ZSTD)
-        for i, packed in enumerate(reference_packed):
-            self._group[f"{schema.REFERENCE_PREFIX}/{schema.param_id(i)}"][...] = packed
+        for array, packed in zip(self._reference, reference_packed):
+            array[...] = packed
 
     def _grow_to(self, needed: int) -> None:
         if needed <= self._capacity:
@@ -162,16 +167,14 @@ class RunWriter:
             raise schema.StoreError(f"snapshot steps must increase: got {record.step} after {self._last_step}")
         t = self._count
         self._grow_to(t + 1)
-        g = self._group
-        for i in range(len(self._params)):
-            pid = schema.param_id(i)
-            g[f"{schema.CHANGED_PREFIX}/{pid}"][t] = record.packed[i]
-            g[f"{schema.ROWS_PREFIX}/{pid}"][t] = record.rows[i]
-            g[f"{schema.COLS_PREFIX}/{pid}"][t] = record.cols[i]
-        g[schema.COUNTS][t] = record.counts
-        g[schema.NULL_OVERLAP][t] = record.null_overlap
-        g[schema.TIMES][t] = record.wall_time
-        g[schema.STEPS][t] = record.step
+        for (changed, rows, cols), packed, row, col in zip(self._per_param, record.packed, record.rows, record.cols):
+            changed[t] = packed
+            rows[t] = row
+            cols[t] = col
+        self._counts[t] = record.counts
+        self._null[t] = record.null_overlap
+        self._times[t] = record.wall_time
+        self._steps[t] = record.step
         self._count = t + 1
         self._last_step = record.step
         self._commit(status="running")
@@ -190,6 +193,10 @@ class RunWriter:
     @property
     def num_snapshots(self) -> int:
         return self._count
+
+    def mark(self, status: str) -> None:
+        """Record a run status (e.g. ``disabled``) without touching any array."""
+        self._commit(status=status)
 
     def finalize(self, status: str = "finished") -> None:
         """Trim over-allocated arrays to the committed length and mark the run ``status``."""
