@@ -1,12 +1,14 @@
 """CompassMonitor: snapshots bf16 update masks every N real optimizer steps.
 
-Usage (plain PyTorch)::
+Usage (plain PyTorch, see ``compass_monitor.integrations.pytorch``)::
 
     monitor = CompassMonitor(model, "runs/my-run", config=MonitorConfig(every_n_steps=10))
-    monitor.attach(optimizer)          # counts steps via Optimizer.register_step_post_hook
     for batch in loader:
-        ...; optimizer.step()
+        ...; optimizer.step(); monitor.on_optimizer_step()
     monitor.close()
+
+The core knows no framework: adapters decide when a real optimizer step
+happened and call :meth:`CompassMonitor.on_optimizer_step`.
 
 The monitor never takes a training run down: once constructed, any failure in
 it (disk full, a resized parameter, a store error) is logged, the run store is
@@ -161,21 +163,19 @@ class CompassMonitor:
         return states, torch.stack(counts).cpu().numpy(), torch.stack(fingerprints).cpu().numpy()
 
     # -- step counting ---------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer) -> "CompassMonitor":
-        """Count ``optimizer``'s real steps (``register_step_post_hook``) and snapshot every N.
+    def own_hook(self, handle: Any) -> None:
+        """Keep a hook handle (anything with ``remove()``) to remove on close or disable.
 
-        Attach the one optimizer whose step defines a training step. Steps that
-        do not run (GradScaler skipping an inf step) do not fire the hook and
-        do not count.
+        Adapters register their framework hooks and hand the handles here.
         """
-        self._hooks.append(optimizer.register_step_post_hook(self._on_optimizer_step))
-        return self
-
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.on_optimizer_step()
+        self._hooks.append(handle)
 
     def on_optimizer_step(self) -> None:
-        """Record that one optimizer step ran; snapshot if it is the N-th. Never raises."""
+        """Record that one optimizer step ran; snapshot if it is the N-th. Never raises.
+
+        Adapters call this once per real optimizer step (for plain PyTorch,
+        ``compass_monitor.integrations.pytorch.attach_optimizer`` does).
+        """
         if not self.enabled:
             return
         self.step += 1

@@ -22,6 +22,7 @@ from compass_monitor import (
     StoreExistsError,
     open_run,
 )
+from compass_monitor.integrations.pytorch import watch
 
 
 def tree_digest(root: Path) -> str:
@@ -47,7 +48,7 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 def finished_run(path: Path, steps: int = 2) -> None:
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = CompassMonitor(model, path, config=MonitorConfig(every_n_steps=1, principal_rank=2)).attach(optimizer)
+    monitor = watch(model, optimizer, path, config=MonitorConfig(every_n_steps=1, principal_rank=2))
     for _ in range(steps):
         step(model, optimizer)
     monitor.close()
@@ -106,7 +107,7 @@ def test_config_messages_name_field_and_value(field, value, message):
 def test_shape_change_disables_monitor_training_continues(tmp_path, caplog):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = CompassMonitor(model, tmp_path / "run", config=MonitorConfig(every_n_steps=1, principal_rank=2)).attach(optimizer)
+    monitor = watch(model, optimizer, tmp_path / "run", config=MonitorConfig(every_n_steps=1, principal_rank=2))
     step(model, optimizer)
     # Resize a monitored parameter in place (e.g. a vocabulary resize gone wrong).
     first = model[0]
@@ -158,7 +159,7 @@ def test_store_failure_mid_run_disables_monitor(tmp_path, caplog):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     run_dir = tmp_path / "run"
-    monitor = CompassMonitor(model, run_dir, config=MonitorConfig(every_n_steps=1, principal_rank=2)).attach(optimizer)
+    monitor = watch(model, optimizer, run_dir, config=MonitorConfig(every_n_steps=1, principal_rank=2))
     step(model, optimizer)
     # The store becomes unwritable under the monitor: a directory it writes to is now a file.
     shutil.rmtree(run_dir / "masks" / "changed")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from compass_monitor import CompassMonitor, MonitorConfig, open_run
+from compass_monitor.integrations.pytorch import attach_optimizer
 from compass_monitor.precision_null import null_overlaps
 from compass_monitor.store.schema import COUNT_FIELDS
 
@@ -50,7 +51,7 @@ def train(tmp_path, *, steps_planned: int, skip_at: set[int], accumulate: int, e
     monitor = CompassMonitor(model, tmp_path / "run", config=config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
-    monitor.attach(optimizer)
+    attach_optimizer(monitor, optimizer)
     # Our own record of the weights after every real step (independent of the monitor).
     weights_after: dict[int, dict[str, torch.Tensor]] = {}
     real_steps = [0]
@@ -151,7 +152,7 @@ def test_optional_roles_reported_separately(tmp_path):
     config = MonitorConfig(every_n_steps=1, include_embeddings=True, include_norms=True, include_biases=True, principal_rank=2)
     monitor = CompassMonitor(model, tmp_path / "run", config=config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor.attach(optimizer)
+    attach_optimizer(monitor, optimizer)
     loss = model(torch.tensor([1, 2, 3])).sum()
     loss.backward()
     optimizer.step()

@@ -1,0 +1,79 @@
+"""The command line: --help everywhere, and a summary whose numbers come from the store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compass_monitor import MonitorConfig, open_run
+from compass_monitor.aggregates import by_module_type, everything_linear, group_stats
+from compass_monitor.cli import build_parser, main
+from compass_monitor.integrations.pytorch import watch
+
+
+def commands() -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in commands()])
+def test_help(argv):
+    out = subprocess.run([sys.executable, "-m", "compass_monitor.cli", *argv], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "usage: compass-monitor" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("cli") / "run"
+    model = nn.ModuleDict({"q_proj": nn.Linear(12, 12), "down_proj": nn.Linear(12, 9)})
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    monitor = watch(model, optimizer, path, config=MonitorConfig(every_n_steps=2, principal_rank=3))
+    for _ in range(6):
+        optimizer.zero_grad()
+        x = torch.randn(5, 12)
+        (model["down_proj"](model["q_proj"](x)) ** 2).mean().backward()
+        optimizer.step()
+    monitor.close()
+    return path
+
+
+def test_summary_numbers_match_store(run_dir, capsys):
+    assert main(["summary", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    run = open_run(run_dir)
+    changed = run.count("changed")
+    numel = np.array([p.numel for p in run.params])
+    lines = [l for l in text.splitlines() if l.strip().split(" ")[0].isdigit()]
+    assert [int(l.split()[0]) for l in lines] == run.steps.tolist()
+    for t, line in enumerate(lines):
+        fields = line.split()
+        assert float(fields[1]) == pytest.approx(1 - changed[t].sum() / numel.sum(), abs=5e-4)
+        princ = run.count("changed_and_principal")[t].sum() / changed[t].sum()
+        assert float(fields[fields.index("|") + 1]) == pytest.approx(princ, abs=5e-4)
+    assert "finished" in text
+
+
+def test_group_stats_definitions(run_dir):
+    run = open_run(run_dir)
+    overall = group_stats(run, everything_linear)["all linear"]
+    types = group_stats(run, by_module_type)
+    assert set(types) == {"q", "down"}
+    q = run.params[0]
+    assert types["q"].sparsity.tolist() == pytest.approx((1 - run.count("changed")[:, 0] / q.numel).tolist())
+    low = run.count("changed_and_low").sum(axis=1) / run.count("changed").sum(axis=1)
+    assert overall.overlap["low"].tolist() == pytest.approx(low.tolist())
+    # the random baseline of the principal and low masks is alpha = 0.5 (floor(alpha n) of odd n is slightly less)
+    assert np.all(np.abs(overall.random_baseline["principal"] - 0.5) < 0.01)
+
+
+def test_summary_errors_are_clear(tmp_path, capsys):
+    assert main(["summary", str(tmp_path)]) == 2
+    assert "not a compass-monitor run store" in capsys.readouterr().err
