@@ -13,15 +13,16 @@ definitions live in one place:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .store import Run, ParamInfo
 from .store.schema import COUNT_FIELDS, REFERENCE_MASKS
 
-__all__ = ["GroupStats", "group_stats", "by_module_type", "by_role", "by_layer", "everything_linear"]
+__all__ = ["GroupStats", "aggregate_counts", "group_stats", "scalars", "by_module_type", "by_role", "by_layer", "everything_linear"]
 
 _INTERSECTION_FIELDS = ("changed_and_principal", "changed_and_low", "changed_and_principal_not_low")
 
@@ -41,21 +42,21 @@ class GroupStats:
     null: dict[str, np.ndarray]
 
 
-def by_module_type(p: ParamInfo) -> str | None:
+def by_module_type(p: Any) -> str | None:
     """Linear matrices by module type (q, k, v, o, gate, up, down); other roles by role."""
     return p.module_type if p.role == "linear" else p.role
 
 
-def by_role(p: ParamInfo) -> str | None:
+def by_role(p: Any) -> str | None:
     return p.role
 
 
-def by_layer(p: ParamInfo) -> str | None:
+def by_layer(p: Any) -> str | None:
     """Linear matrices by block index; matrices outside blocks are left out."""
     return f"layer {p.layer}" if p.role == "linear" and p.layer >= 0 else None
 
 
-def everything_linear(p: ParamInfo) -> str | None:
+def everything_linear(p: Any) -> str | None:
     """All linear matrices as one group (the paper's global numbers)."""
     return "all linear" if p.role == "linear" else None
 
@@ -67,15 +68,41 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 def group_stats(run: Run, key: Callable[[ParamInfo], str | None]) -> dict[str, GroupStats]:
     """Aggregate a run's counts over the groups that ``key`` assigns (None leaves a matrix out)."""
+    return aggregate_counts(
+        params=run.params,
+        counts=run.counts,
+        null=run.null_overlap,
+        mask_sizes=run.base_class_counts[:, 1:, :].sum(axis=2),
+        key=key,
+    )
+
+
+def aggregate_counts(
+    *,
+    params: Sequence[Any],
+    counts: np.ndarray,
+    null: np.ndarray,
+    mask_sizes: np.ndarray,
+    key: Callable[[Any], str | None],
+) -> dict[str, GroupStats]:
+    """Group aggregates from raw arrays.
+
+    Args:
+        params: objects with ``shape``, ``role``, ``module_type``, ``layer``
+            (``ParamInfo`` or ``ParamSpec``), in store order.
+        counts: (T, P, F) counts in ``COUNT_FIELDS`` order.
+        null: (T, P, 3) precision-null overlaps.
+        mask_sizes: (P, 3) sizes of the reference masks.
+        key: group name of a parameter, or None to leave it out.
+    """
     groups: dict[str, list[int]] = {}
-    for p in run.params:
+    for i, p in enumerate(params):
         name = key(p)
         if name is not None:
-            groups.setdefault(name, []).append(p.index)
-    counts = run.counts.astype(np.float64)  # (T, P, F)
-    numel = np.array([p.numel for p in run.params], dtype=np.float64)
-    mask_sizes = run.base_class_counts[:, 1:, :].sum(axis=2).astype(np.float64)  # (P, 3)
-    null = run.null_overlap  # (T, P, 3)
+            groups.setdefault(name, []).append(i)
+    counts = np.asarray(counts, dtype=np.float64)
+    numel = np.array([p.shape[0] * p.shape[1] for p in params], dtype=np.float64)
+    mask_sizes = np.asarray(mask_sizes, dtype=np.float64)
     changed_all = counts[:, :, COUNT_FIELDS.index("changed")]
     result = {}
     for name, idx in groups.items():
@@ -101,3 +128,21 @@ def group_stats(run: Run, key: Callable[[ParamInfo], str | None]) -> dict[str, G
             null=null_g,
         )
     return result
+
+
+def scalars(stats: dict[str, GroupStats], *, prefix: str = "compass", index: int = -1) -> dict[str, float]:
+    """Flat ``{name: value}`` scalars of one snapshot, for loggers (wandb, TensorBoard, ...).
+
+    Keys: ``{prefix}/{group}/sparsity``, ``.../overlap_{mask}``, ``.../rand_{mask}``,
+    ``.../null_{mask}`` and ``.../flips``.
+    """
+    out: dict[str, float] = {}
+    for name, s in stats.items():
+        base = f"{prefix}/{name.replace(' ', '_')}"
+        out[f"{base}/sparsity"] = float(s.sparsity[index])
+        out[f"{base}/flips"] = float(s.flips_since_previous[index])
+        for mask in REFERENCE_MASKS:
+            out[f"{base}/overlap_{mask}"] = float(s.overlap[mask][index])
+            out[f"{base}/rand_{mask}"] = float(s.random_baseline[mask][index])
+            out[f"{base}/null_{mask}"] = float(s.null[mask][index])
+    return out

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__ as _version
+from .aggregates import aggregate_counts, by_module_type, everything_linear, scalars
 from .config import MonitorConfig
 from .matrix_probe import MatrixBase, capture_base, measure
 from .precision_null import null_overlaps
@@ -103,6 +104,7 @@ class CompassMonitor:
         self.step = 0
         self._last_snapshot_step: int | None = None
         self._warned: dict[str, int] = {}
+        self._latest: tuple[int, np.ndarray, np.ndarray] | None = None
         self.enabled = True
         self.disabled_reason: str | None = None
 
@@ -236,6 +238,29 @@ class CompassMonitor:
         self._warn_nonfinite(counts[:, schema.COUNT_FIELDS.index("nonfinite")])
         self.writer.append(record)
         self._last_snapshot_step = step
+        self._latest = (step, record.counts, record.null_overlap)
+
+    def latest_scalars(self, *, prefix: str = "compass") -> dict[str, float]:
+        """Scalars of the latest snapshot for a logger, ``{}`` before the first one.
+
+        Groups: ``all_linear`` (the global numbers), each module type (q, k, v,
+        o, gate, up, down, ...) and each other monitored role. Keys and values
+        are those that ``aggregates.scalars`` derives from the stored counts.
+        """
+        if self._latest is None:
+            return {}
+        _, counts, null = self._latest
+        mask_sizes = self._class_counts[:, 1:, :].sum(axis=2)
+        out: dict[str, float] = {}
+        for key in (everything_linear, by_module_type):
+            stats = aggregate_counts(params=self.specs, counts=counts[None], null=null[None], mask_sizes=mask_sizes, key=key)
+            out.update(scalars(stats, prefix=prefix))
+        return out
+
+    @property
+    def latest_step(self) -> int | None:
+        """Optimizer step of the latest committed snapshot."""
+        return None if self._latest is None else self._latest[0]
 
     def _warn_nonfinite(self, nonfinite: np.ndarray) -> None:
         for spec, bad in zip(self.specs, nonfinite):

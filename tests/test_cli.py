@@ -77,3 +77,24 @@ def test_group_stats_definitions(run_dir):
 def test_summary_errors_are_clear(tmp_path, capsys):
     assert main(["summary", str(tmp_path)]) == 2
     assert "not a compass-monitor run store" in capsys.readouterr().err
+
+
+def test_latest_scalars_equal_store(tmp_path):
+    torch.manual_seed(5)
+    model = nn.ModuleDict({"q_proj": nn.Linear(10, 10), "up_proj": nn.Linear(10, 14)})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = watch(model, optimizer, tmp_path / "run", config=MonitorConfig(every_n_steps=1, principal_rank=2))
+    assert monitor.latest_scalars() == {}
+    for _ in range(3):
+        optimizer.zero_grad()
+        model["up_proj"](model["q_proj"](torch.randn(4, 10))).sum().backward()
+        optimizer.step()
+    live = monitor.latest_scalars()
+    monitor.close()
+    run = open_run(tmp_path / "run")
+    stored = group_stats(run, everything_linear)["all linear"]
+    assert live["compass/all_linear/sparsity"] == stored.sparsity[-1]
+    assert live["compass/all_linear/null_low"] == stored.null["low"][-1]
+    q = group_stats(run, by_module_type)["q"]
+    assert live["compass/q/overlap_principal"] == q.overlap["principal"][-1]
+    assert monitor.latest_step == 3

