@@ -54,8 +54,11 @@ INF_BITS = 0x7F80
 def bf16_bits(weight: torch.Tensor) -> torch.Tensor:
     """Return the bf16 codes of ``weight`` as an int16 tensor on its device.
 
-    Floating tensors of other dtypes are rounded to bf16 first
-    (round-to-nearest-even, ``Tensor.to(torch.bfloat16)``).
+    Floating tensors of other dtypes are rounded to bf16 first with
+    ``Tensor.to(torch.bfloat16)``: round-to-nearest-even from float32, which
+    is how frameworks round fp32 master weights. (torch rounds float64 input
+    through float32, so a float64 value within 2^-30 relative of a bf16 tie
+    can round the other way than direct rounding would.)
     """
     if not weight.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got {weight.dtype}")

@@ -15,6 +15,7 @@ elements. ``torch.quantile`` is not used: it refuses inputs over 2^24 elements.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -22,8 +23,13 @@ __all__ = ["low_rank_reconstruction", "low_magnitude_mask", "principal_mask", "s
 
 
 def select_count(numel: int, alpha: float) -> int:
-    """Number of elements a top/bottom-alpha mask selects: ``floor(alpha * n)``."""
-    return int(math.floor(alpha * numel))
+    """Number of elements a top/bottom-alpha mask selects: ``floor(alpha * n)``.
+
+    ``alpha`` is taken as the decimal it prints as (``repr``), in exact
+    rational arithmetic: ``0.7 * 90`` is 62.999... in binary floating point,
+    but a user who asks for alpha = 0.7 of 90 weights means 63.
+    """
+    return math.floor(Fraction(repr(float(alpha))) * numel)
 
 
 def top_count_mask(score: torch.Tensor, count: int) -> torch.Tensor:
