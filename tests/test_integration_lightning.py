@@ -1,0 +1,211 @@
+"""CompassCallback on a real Lightning Trainer (CPU): steps, logged scalars, resume, sharding refusal."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+L = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from compass_monitor import MonitorConfig, open_run  # noqa: E402
+from compass_monitor.aggregates import by_module_type, everything_linear, group_stats, scalars  # noqa: E402
+from compass_monitor.integrations.lightning import CompassCallback, UnsupportedShardingError  # noqa: E402
+from compass_monitor.integrations._resume import core_supports_resume  # noqa: E402
+
+needs_resume = pytest.mark.skipif(not core_supports_resume(), reason="the core cannot continue a run store yet")
+CONFIG = MonitorConfig(every_n_steps=2, principal_rank=4)
+
+
+class TinyBlock(L.LightningModule):
+    """q/up/down projections, so the scalars have module-type groups."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.lr = lr
+        self.q_proj = nn.Linear(12, 12)
+        self.up_proj = nn.Linear(12, 24)
+        self.down_proj = nn.Linear(24, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.relu(self.up_proj(self.q_proj(x))))
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return (self(x) - x.flip(-1)).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class TwoOptimizers(TinyBlock):
+    """Manual optimization with two optimizers that both step on every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        return [
+            torch.optim.AdamW(self.q_proj.parameters(), lr=self.lr),
+            torch.optim.AdamW([*self.up_proj.parameters(), *self.down_proj.parameters()], lr=self.lr),
+        ]
+
+
+def _loader(n: int = 48) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 12, generator=generator)), batch_size=4, shuffle=False)
+
+
+def _trainer(tmp_path: Path, callback: CompassCallback, *more: L.Callback, **kwargs) -> "L.Trainer":
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path / "logs", name="", version=kwargs.pop("version", 0)),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[callback, *more],
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def _logged(csv_path: Path) -> dict[int, dict[str, float]]:
+    """Compass scalars per step from CSVLogger's metrics.csv."""
+    rows: dict[int, dict[str, float]] = {}
+    with open(csv_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            values = {k: float(v) for k, v in row.items() if k.startswith("compass/") and v != ""}
+            if values:
+                rows.setdefault(int(row["step"]), {}).update(values)
+    return rows
+
+
+def _assert_logged_equal_store(logged: dict[int, dict[str, float]], run_dir: Path) -> None:
+    run = open_run(run_dir)
+    stats = {**group_stats(run, everything_linear), **group_stats(run, by_module_type)}
+    assert sorted(logged) == run.steps.tolist()
+    for index, step in enumerate(run.steps.tolist()):
+        expected = scalars(stats, index=index)
+        assert set(logged[step]) == set(expected)
+        for key, value in expected.items():
+            # equal up to float64 summation order (live: one snapshot, group_stats: all at once)
+            assert logged[step][key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
+
+
+def test_fit_with_gradient_accumulation(tmp_path):
+    torch.manual_seed(0)
+    callback = CompassCallback(tmp_path / "run", config=CONFIG)
+    trainer = _trainer(tmp_path, callback, max_steps=6, accumulate_grad_batches=3)
+    trainer.fit(TinyBlock(), _loader())
+    assert trainer.global_step == 6
+    run = open_run(tmp_path / "run")
+    assert run.steps.tolist() == [2, 4, 6]  # optimizer steps, not the 18 micro-batches
+    assert run.status == "finished"
+    assert {p.module_type for p in run.params} == {"q", "up", "down"}
+    assert run.count("changed")[-1].sum() > 0
+    _assert_logged_equal_store(_logged(tmp_path / "logs" / "version_0" / "metrics.csv"), tmp_path / "run")
+
+
+def test_several_optimizers_count_one_step_per_batch(tmp_path):
+    torch.manual_seed(1)
+    callback = CompassCallback(tmp_path / "run", config=CONFIG, log_scalars=False)
+    trainer = _trainer(tmp_path, callback, max_steps=10, logger=False)
+    trainer.fit(TwoOptimizers(), _loader())
+    assert trainer.global_step == 10  # Lightning counts both optimizers' steps
+    assert open_run(tmp_path / "run").steps.tolist() == [2, 4, 5]  # five batches stepped; 5 is the closing snapshot
+
+
+def test_refuses_model_parallel_strategy(tmp_path):
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    callback = CompassCallback(tmp_path / "run", config=CONFIG)
+    trainer = _trainer(tmp_path, callback, max_steps=2, strategy=ModelParallelStrategy(), logger=False)
+    try:
+        with pytest.raises(UnsupportedShardingError, match="ModelParallelStrategy.*sharded support"):
+            trainer.fit(TinyBlock(), _loader())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert not (tmp_path / "run").exists()
+
+
+class CrashAt(L.Callback):
+    """Stops the fit with an error after optimizer step ``step`` (a crash after the last checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _changed_since(model: nn.Module, initial: dict[str, torch.Tensor], run) -> dict[str, np.ndarray]:
+    """The changed mask of every monitored matrix, computed directly: bf16(W) != bf16(W0)."""
+    weights = dict(model.named_parameters())
+    return {
+        p.name: (weights[p.name].detach().to(torch.bfloat16) != initial[p.name].to(torch.bfloat16)).numpy()
+        for p in run.params
+    }
+
+
+@needs_resume
+def test_resume_from_checkpoint_continues_the_run(tmp_path):
+    """Crash at step 6 after a checkpoint at step 4; the resumed fit continues the same store against W0."""
+    common = dict(max_steps=8, accumulate_grad_batches=2)  # 32 samples: 4 optimizer steps per epoch
+    torch.manual_seed(3)
+    model = TinyBlock()
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+    crashing = _trainer(
+        tmp_path, CompassCallback(tmp_path / "run", config=CONFIG), checkpoints, CrashAt(6), enable_checkpointing=True, **common
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.fit(model, _loader(32))
+    crashed = open_run(tmp_path / "run")
+    assert crashed.steps.tolist() == [2, 4, 6]
+    assert crashed.status == "running"
+    before = crashed.counts[:2].copy()
+    masks_at_4 = {p.name: crashed.mask(p.name, 1) for p in crashed.params}
+
+    resumed_model = TinyBlock()
+    resumed = _trainer(tmp_path, CompassCallback(tmp_path / "run", config=CONFIG), version=1, **common)
+    resumed.fit(resumed_model, _loader(32), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    assert resumed.global_step == 8
+
+    run = open_run(tmp_path / "run")
+    assert run.status == "finished"
+    assert run.steps.tolist() == [2, 4, 6, 8]
+    np.testing.assert_array_equal(run.counts[:2], before)  # snapshots up to the checkpoint are kept
+    assert all(np.array_equal(run.mask(name, 1), mask) for name, mask in masks_at_4.items())
+    # The last snapshot measures the resumed model against the original W0 (reloaded from the store),
+    # not against the checkpoint's weights.
+    direct = _changed_since(resumed_model, initial, run)
+    for p in run.params:
+        np.testing.assert_array_equal(run.mask(p.name, -1), direct[p.name], err_msg=p.name)
+    assert run.count("changed")[-1].sum() > run.count("changed")[1].sum() / 2
+    logged = _logged(tmp_path / "logs" / "version_1" / "metrics.csv")
+    assert sorted(logged) == [6, 8]  # the resumed fit logs the steps it ran
+    stats = {**group_stats(run, everything_linear), **group_stats(run, by_module_type)}
+    for index, step in ((2, 6), (3, 8)):
+        for key, value in scalars(stats, index=index).items():
+            assert logged[step][key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
