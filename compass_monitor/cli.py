@@ -25,6 +25,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(run_dir=args.run_dir, steps=args.steps, every_n_steps=args.every, seed=args.seed)
 
 
+def _cmd_tui(args: argparse.Namespace) -> int:
+    from .tui.launch import run_tui  # Textual only for this command
+
+    replay = args.command == "replay" or args.replay
+    return run_tui(args.path, replay=replay, speed=args.speed, head_dim=args.head_dim, stale_after=args.stale_after)
+
+
+def _add_tui_commands(sub: argparse._SubParsersAction) -> None:
+    tui = sub.add_parser(
+        "tui",
+        help="watch a run (or a folder of runs) live in the terminal; scrub, filter, drill down, compare",
+        description="Terminal UI: run list, a matrices-by-snapshots heatmap of update density, matrix drill-down "
+        "(mask density map, row/column profiles with head boundaries, overlaps vs baselines), run comparison. "
+        "Press ? in the app for every key.",
+    )
+    replay = sub.add_parser("replay", help="open a finished run at its first snapshot and play it forward",
+                            description="Replay a run: open it at snapshot 0 and play forward (space pauses, +/- change speed).")
+    for parser, target in ((tui, "PATH"), (replay, "RUN_DIR")):
+        parser.add_argument("path", metavar=target, help="a run directory" + (", or a folder of runs" if target == "PATH" else ""))
+        parser.add_argument("--speed", type=float, default=2.0, help="replay speed in snapshots per second (default 2)")
+        parser.add_argument("--head-dim", type=int, default=64, help="attention head size when the run's metadata has none (default 64)")
+        parser.add_argument("--stale-after", type=float, default=120.0, help="seconds without a commit before a running run shows STALE (default 120, at least 3x its snapshot interval)")
+        parser.set_defaults(func=_cmd_tui, replay=False)
+    tui.add_argument("--replay", action="store_true", help="start in replay mode (like the replay command)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compass-monitor",
@@ -54,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--every", type=int, default=5, help="snapshot every N optimizer steps (default 5)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_cmd_demo)
+    _add_tui_commands(sub)
     return parser
 
 

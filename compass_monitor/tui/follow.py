@@ -1,0 +1,49 @@
+"""The loop a follower worker runs: load a run, then poll its commit file (no Textual widgets)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .data import describe_error
+from .messages import RunChanged, RunFailed
+from .source import RunSource
+
+__all__ = ["follow_run"]
+
+#: consecutive failed polls of a run that was readable before they are reported
+_TOLERATED_FAILURES = 3
+
+
+def follow_run(target: Any, key: str, path: Path, *, interval: float, cancelled: Callable[[], bool]) -> None:
+    """Post :class:`RunChanged` to ``target`` on load and on every new commit until ``cancelled()``.
+
+    Errors never escape: a run that cannot be read (yet) is reported with
+    :class:`RunFailed` and retried every ``interval``, so a run that appears
+    later, or a store caught mid-write, recovers by itself.
+    """
+    source = RunSource(path)
+    loaded = False
+    last_commit: dict[str, Any] | None = None
+    last_error: str | None = None
+    failures = 0
+    while not cancelled():
+        try:
+            update = source.poll() if loaded else source.load()
+            loaded = True
+            failures = 0
+            last_error = None
+            if update.view is not None or update.commit != last_commit:
+                last_commit = update.commit
+                target.post_message(RunChanged(key, source.view, source.run, update.commit, update.new_snapshots))
+        except Exception as exc:  # reported in the UI, never raised into Textual
+            failures += 1
+            reason = describe_error(exc)
+            if (not loaded or failures >= _TOLERATED_FAILURES) and reason != last_error:
+                last_error = reason
+                target.post_message(RunFailed(key, reason))
+        deadline = time.monotonic() + interval
+        while not cancelled() and time.monotonic() < deadline:
+            time.sleep(min(0.05, interval))

@@ -1,0 +1,32 @@
+"""Messages that workers post to screens (posting a message is thread-safe)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.message import Message
+
+from .data import RunView
+
+__all__ = ["RunChanged", "RunFailed"]
+
+
+class RunChanged(Message):
+    """A followed run has new data (``view``), or only a new commit (status, heartbeat)."""
+
+    def __init__(self, key: str, view: RunView, run: Any, commit: dict[str, Any], new_snapshots: int) -> None:
+        super().__init__()
+        self.key = key
+        self.view = view
+        self.run = run
+        self.commit = commit
+        self.new_snapshots = new_snapshots
+
+
+class RunFailed(Message):
+    """A followed run cannot be read; ``reason`` is one line for the user."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__()
+        self.key = key
+        self.reason = reason

@@ -1,0 +1,1 @@
+"""Screens of the TUI: run list, run heatmap, matrix drill-down, comparison, dialogs."""

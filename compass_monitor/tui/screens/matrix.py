@@ -1,0 +1,312 @@
+"""Drill-down into one matrix: mask density map, row/column profiles, overlaps over time, spectral drift."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, Static, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
+from textual_plotext import PlotextPlot
+
+from .. import palette
+from ..data import RunView, head_boundaries, head_dim_for, overlap_series, row_label
+from ..source import density_grid, profiles_at, spectral_series
+from ..widgets.density_map import DensityMap
+from ..widgets.details import fmt
+
+__all__ = ["MatrixScreen"]
+
+_MASK_NAMES = ("principal", "low", "principal_not_low")
+_TABS = ("mask", "profiles", "overlap", "spectral")
+
+
+def profile_snapshots(t: int) -> list[int]:
+    """The cursor's snapshot and two earlier ones (a third and two thirds of the way), as in the paper's Fig. 3."""
+    return sorted({t // 3, (2 * t) // 3, t})
+
+
+class MatrixScreen(Screen):
+    """One matrix at the run screen's snapshot; scrubbing here moves the run screen's cursor too."""
+
+    BINDINGS = [
+        Binding("left", "scrub(-1)", "earlier snapshot (pauses)", show=False, priority=True),
+        Binding("right", "scrub(1)", "later snapshot (pauses)", show=False, priority=True),
+        Binding("home", "home", "first snapshot", show=False, priority=True),
+        Binding("end", "end", "last snapshot", show=False, priority=True),
+        Binding("f", "follow", "follow live"),
+        Binding("up", "matrix(-1)", "previous matrix", show=False),
+        Binding("down", "matrix(1)", "next matrix", show=False),
+        Binding("x", "mode", "base/flips"),
+        Binding("o", "series", "next series"),
+        Binding("1", "tab('mask')", "mask", show=False),
+        Binding("2", "tab('profiles')", "profiles", show=False),
+        Binding("3", "tab('overlap')", "overlap", show=False),
+        Binding("4", "tab('spectral')", "spectral", show=False),
+        Binding("escape", "back", "back"),
+    ]
+
+    def __init__(self, owner: Any, index: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.index = index
+        self.mode = "base"
+        self.series = 0
+        self.spectral_index = 0
+        self._spectral: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.shown: set[str] = set()  # parts drawn at least once: mask, profiles, spectral
+
+    @property
+    def view(self) -> RunView:
+        return self.owner.view
+
+    @property
+    def t(self) -> int:
+        return self.owner.timeline.position
+
+    @property
+    def info(self):
+        return self.view.params[self.index]
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="matrix-header", classes="header")
+        with TabbedContent(id="tabs", initial="mask"):
+            with TabPane("1 mask", id="mask"):
+                yield DensityMap(id="density")
+                yield Static(id="mask-legend", classes="hint")
+            with TabPane("2 profiles", id="profiles"):
+                yield PlotextPlot(id="rows-plot")
+                yield PlotextPlot(id="cols-plot")
+            with TabPane("3 overlap", id="overlap"):
+                yield PlotextPlot(id="overlap-plot")
+                yield Static(id="overlap-table", classes="hint")
+            with TabPane("4 spectral", id="spectral"):
+                yield PlotextPlot(id="spectral-plot")
+                yield Static(id="spectral-note", classes="hint")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.load_spectral(self.owner.run, self.info)
+        self.refresh_all()
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self.load_mask)
+
+    # -- updates from the run screen ----------------------------------------------------
+    def data_changed(self, view: RunView, run: Any) -> None:
+        self.load_spectral(run, self.info)
+        self.refresh_all()
+
+    def refresh_all(self) -> None:
+        self.refresh_header()
+        self.load_mask()
+        self.load_profiles()
+        self.draw_overlap()
+
+    def refresh_header(self) -> None:
+        p = self.info
+        t = self.t
+        text = Text()
+        text.append(f" {row_label(p)} ", style="bold reverse")
+        text.append(f" {p.name} {p.shape[0]}x{p.shape[1]}  ")
+        from .run import badge_text
+
+        text.append_text(badge_text(self.owner.status_word()))
+        if self.view.num_snapshots:
+            text.append(f"  step {int(self.view.steps[t])} ({t + 1}/{self.view.num_snapshots})", style="bold")
+            text.append(f"  changed {fmt(self.view.density[t, self.index])}")
+        self.query_one("#matrix-header", Static).update(text)
+
+    # -- mask ------------------------------------------------------------------------------
+    def load_mask(self) -> None:
+        density = self.query_one("#density", DensityMap)
+        if density.size.width < 2 or density.size.height < 2:
+            return
+        rows, cols = density.grid_size()
+        self._mask_worker(self.owner.run, self.info, self.t, self.mode, rows, cols)
+
+    @work(thread=True, exclusive=True, group="mask", exit_on_error=False, name="mask")
+    def _mask_worker(self, run: Any, info: Any, t: int, mode: str, rows: int, cols: int) -> tuple:
+        return (info.index, t, mode, density_grid(run, info, t, rows, cols, mode=mode))
+
+    def _show_mask(self, result: tuple) -> None:
+        index, t, mode, grid = result
+        if index != self.index or t != self.t or mode != self.mode:
+            return
+        p = self.info
+        head_dim = head_dim_for(self.owner.run.attrs, self.app.head_dim)
+        m, n = p.shape
+        rows, cols = grid.shape
+        row_heads = {int(b * rows / m) for b in head_boundaries(p, head_dim, "rows")}
+        col_heads = {int(b * cols / n) for b in head_boundaries(p, head_dim, "cols")}
+        hi = 1.0 if mode == "base" else max(0.05, float(np.nanmax(grid)) if grid.size else 1.0)
+        self.query_one("#density", DensityMap).show(grid, row_heads=row_heads, col_heads=col_heads, lo=0.0, hi=hi)
+        legend = Text()
+        what = "changed vs base (M)" if mode == "base" else "flips vs previous snapshot (M_t xor M_t-1)"
+        legend.append(f" {what}, block density ", style="bold")
+        for segment, style in palette.legend(0.0, hi, fmt="{:.2g}"):
+            legend.append(segment, style=style)
+        blocks = f"  {m / rows:.0f}x{n / cols:.0f} weights per half-cell"
+        legend.append(blocks)
+        if row_heads or col_heads:
+            legend.append(f"  ╶ ╷ heads of {head_dim}", style="grey70")
+        legend.append("  x: toggle", style="grey70")
+        self.query_one("#mask-legend", Static).update(legend)
+        self.shown.add("mask")
+
+    # -- profiles ---------------------------------------------------------------------------
+    def load_profiles(self) -> None:
+        if self.view.num_snapshots:
+            self._profiles_worker(self.owner.run, self.info, profile_snapshots(self.t))
+
+    @work(thread=True, exclusive=True, group="profiles", exit_on_error=False, name="profiles")
+    def _profiles_worker(self, run: Any, info: Any, snaps: list[int]) -> tuple:
+        rows, cols = profiles_at(run, info, snaps)
+        return (info.index, snaps, rows, cols)
+
+    def _show_profiles(self, result: tuple) -> None:
+        index, snaps, rows, cols = result
+        if index != self.index:
+            return
+        head_dim = head_dim_for(self.owner.run.attrs, self.app.head_dim)
+        p = self.info
+        colours = ("grey", "cyan", "yellow")
+        for plot_id, data, axis, title in (("#rows-plot", rows, "rows", "row ratio rho_i"), ("#cols-plot", cols, "cols", "column ratio kappa_j")):
+            plot = self.query_one(plot_id, PlotextPlot)
+            plt = plot.plt
+            plt.clear_data()
+            plt.clear_figure()
+            for k, (t, values) in enumerate(zip(snaps, data)):
+                plt.plot(list(range(len(values))), values.tolist(), marker="braille", color=colours[k - len(snaps) + 3], label=f"step {int(self.view.steps[t])}")
+            for b in head_boundaries(p, head_dim, axis):
+                plt.vline(b, "gray")
+            heads = f", heads of {head_dim}" if head_boundaries(p, head_dim, axis) else ""
+            plt.title(f"{title} ({'per output row' if axis == 'rows' else 'per input column'}{heads})")
+            plt.ylim(0, max(0.05, float(np.max(data)) * 1.05) if data.size else 1)
+            plot.refresh()
+        self.shown.add("profiles")
+
+    # -- overlap ------------------------------------------------------------------------------
+    def draw_overlap(self) -> None:
+        if not self.view.num_snapshots:
+            return
+        all_series = overlap_series(self.view, self.index)
+        series = all_series[self.series]
+        steps = self.view.steps.tolist()
+        plot = self.query_one("#overlap-plot", PlotextPlot)
+        plt = plot.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.plot(steps, np.nan_to_num(series.observed, nan=0.0).tolist(), marker="braille", color="cyan", label="observed")
+        plt.plot(steps, series.random.tolist(), marker="braille", color="gray", label="random (density of X)")
+        if series.null is not None:
+            plt.plot(steps, np.nan_to_num(series.null, nan=0.0).tolist(), marker="braille", color="magenta", label="precision null")
+        plt.vline(steps[self.t], "yellow")
+        plt.title(f"overlap |X∩M|/|M|, X = {series.name}   (o: next mask)")
+        plt.ylim(0, 1)
+        plot.refresh()
+        table = Text()
+        table.append(f" at step {steps[self.t]}: ", style="bold")
+        for s in all_series:
+            null = None if s.null is None else s.null[self.t]
+            table.append(f"{s.name} {fmt(s.observed[self.t])} (rand {fmt(s.random[self.t])}, null {fmt(null)})  ")
+        self.query_one("#overlap-table", Static).update(table)
+
+    # -- spectral -------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="spectral", exit_on_error=False, name="spectral")
+    def load_spectral(self, run: Any, info: Any) -> tuple:
+        return (info.index, spectral_series(run, info))
+
+    def _show_spectral(self, result: tuple) -> None:
+        index, series = result
+        if index != self.index:
+            return
+        self._spectral = series
+        self.shown.add("spectral")
+        note = self.query_one("#spectral-note", Static)
+        plot = self.query_one("#spectral-plot", PlotextPlot)
+        plt = plot.plt
+        plt.clear_data()
+        plt.clear_figure()
+        if not series:
+            plot.display = False
+            note.update(" this run has no spectral metrics (NSS, principal angles): it was recorded without them")
+            return
+        plot.display = True
+        names = sorted(series)
+        name = names[self.spectral_index % len(names)]
+        steps, values = series[name]
+        plt.plot(steps.tolist(), np.nan_to_num(values).tolist(), marker="braille", color="cyan", label=name)
+        if self.view.num_snapshots:
+            plt.vline(int(self.view.steps[self.t]), "yellow")
+        plt.title(f"{name} over time   (o: next of {', '.join(names)})")
+        plot.refresh()
+        last = values[steps <= self.view.steps[self.t]] if self.view.num_snapshots else values
+        note.update(f" {name} at step {int(self.view.steps[self.t])}: {fmt(float(last[-1]), 6) if len(last) else '-'}")
+
+    # -- worker results ----------------------------------------------------------------------------
+    @on(Worker.StateChanged)
+    def on_worker_done(self, event: Worker.StateChanged) -> None:
+        worker = event.worker
+        if event.state == WorkerState.ERROR:
+            self.notify(f"{worker.name}: {worker.error}", severity="error", title="read failed")
+            return
+        if event.state != WorkerState.SUCCESS or worker.result is None:
+            return
+        {"mask": self._show_mask, "profiles": self._show_profiles, "spectral": self._show_spectral}[worker.name](worker.result)
+
+    # -- actions ------------------------------------------------------------------------------------
+    def _moved(self) -> None:
+        self.owner._moved()
+        self.refresh_all()
+        if self._spectral:
+            self._show_spectral((self.index, self._spectral))
+
+    def action_scrub(self, delta: int) -> None:
+        self.owner.timeline.step(delta)
+        self._moved()
+
+    def action_home(self) -> None:
+        self.owner.timeline.home()
+        self._moved()
+
+    def action_end(self) -> None:
+        self.owner.timeline.end()
+        self._moved()
+
+    def action_follow(self) -> None:
+        self.owner.action_follow()
+        self.refresh_all()
+
+    def action_matrix(self, delta: int) -> None:
+        order = self.owner.order
+        if self.index in order:
+            self.index = order[min(max(order.index(self.index) + delta, 0), len(order) - 1)]
+            self.owner.heatmap.move_to(row=order.index(self.index))
+        self.load_spectral(self.owner.run, self.info)
+        self.refresh_all()
+
+    def action_mode(self) -> None:
+        self.mode = "flips" if self.mode == "base" else "base"
+        self.query_one("#density", DensityMap).show_message("loading...")
+        self.load_mask()
+
+    def action_series(self) -> None:
+        if self.query_one("#tabs", TabbedContent).active == "spectral" and self._spectral:
+            self.spectral_index += 1
+            self._show_spectral((self.index, self._spectral))
+        else:
+            self.series = (self.series + 1) % len(_MASK_NAMES)
+            self.draw_overlap()
+
+    def action_tab(self, tab: str) -> None:
+        self.query_one("#tabs", TabbedContent).active = tab
+        self.call_after_refresh(self.load_mask)
+
+    def action_back(self) -> None:
+        self.dismiss(None)

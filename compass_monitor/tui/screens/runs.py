@@ -1,0 +1,141 @@
+"""The run list: every run under PATH with its status, latest step and global update sparsity."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+from textual.worker import get_current_worker
+
+from ..data import RunStatus, discover_runs, format_age
+from ..source import StatusReader
+
+__all__ = ["RunsScreen"]
+
+_STATUS_STYLES = {"live": "bold green", "stale": "bold red", "finished": "blue", "disabled": "magenta", "error": "red", "unknown": "grey62"}
+
+
+class RunsScreen(Screen):
+    """Runs under the app's PATH, refreshed while visible; Enter opens one, ``c`` compares two."""
+
+    BINDINGS = [
+        Binding("enter", "open", "open run"),
+        Binding("c", "compare", "compare (mark, then pick the second)"),
+        Binding("r", "rescan", "rescan"),
+    ]
+
+    class Listed(Message):
+        def __init__(self, statuses: list[RunStatus], now: float) -> None:
+            super().__init__()
+            self.statuses = statuses
+            self.now = now
+
+    def __init__(self, root: Path, *, opened: bool = False) -> None:
+        super().__init__()
+        self.root = root
+        self.statuses: list[RunStatus] = []
+        self.marked: Path | None = None
+        self._reader = StatusReader()
+        self._opened_root = opened
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="runs-header", classes="header")
+        yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+        yield Static(id="runs-message", classes="hint")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("run", "status", "heartbeat", "snapshots", "step", "sparsity")
+        self.query_one("#runs-header", Static).update(Text(f" compass-monitor  {self.root}", style="bold"))
+        self.query_one("#runs-message", Static).update(f" looking for runs under {self.root} ...")
+        self.scan_worker()
+
+    @work(thread=True, exclusive=True, group="runs", exit_on_error=False)
+    def scan_worker(self) -> None:
+        worker = get_current_worker()
+        while not worker.is_cancelled:
+            if self.app.screen is self or not self.statuses:
+                try:
+                    now = self.app.clock()
+                    statuses = [self._reader.status(p, now=now, stale_after=self.app.stale_after) for p in discover_runs(self.root)]
+                    self.post_message(self.Listed(statuses, now))
+                except Exception:  # listing is best effort; the next scan retries
+                    pass
+            deadline = time.monotonic() + 1.0
+            while not worker.is_cancelled and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    @on(Listed)
+    def on_listed(self, message: Listed) -> None:
+        self.statuses = message.statuses
+        table = self.query_one(DataTable)
+        row = table.cursor_row
+        table.clear()
+        for s in message.statuses:
+            age = s.age(message.now)
+            name = ("* " if s.path == self.marked else "") + s.name
+            table.add_row(
+                name,
+                Text(s.status if s.status != "error" else "error", style=_STATUS_STYLES.get(s.status, "")),
+                format_age(age) if s.status in ("live", "stale") else "-",
+                str(s.snapshots),
+                "-" if s.last_step is None else str(s.last_step),
+                "-" if s.sparsity != s.sparsity else f"{s.sparsity:.3f}",
+                key=str(s.path),
+            )
+        if message.statuses:
+            table.move_cursor(row=min(row, len(message.statuses) - 1))
+        self.query_one("#runs-message", Static).update(self._message())
+        if not self._opened_root and [s.path for s in message.statuses] == [self.root]:
+            self._opened_root = True  # PATH itself became a run (e.g. a demo that started after the TUI)
+            self.app.open_run(self.root)
+
+    def _message(self) -> Text:
+        if not self.root.exists():
+            return Text(f" {self.root} does not exist (yet): watching for a run to appear there. q quits.", style="yellow")
+        if not self.statuses:
+            return Text(f" no compass-monitor run under {self.root} (a run is a directory with zarr.json and commit.json); watching. q quits.", style="yellow")
+        errors = [s for s in self.statuses if s.status == "error"]
+        text = Text(f" {len(self.statuses)} runs. Enter opens, c marks two runs to compare.")
+        for s in errors[:3]:
+            text.append(f"\n {s.path.name}: {s.error}", style="red")
+        return text
+
+    def _selected(self) -> RunStatus | None:
+        table = self.query_one(DataTable)
+        if not self.statuses or table.cursor_row is None:
+            return None
+        return self.statuses[min(table.cursor_row, len(self.statuses) - 1)]
+
+    def action_open(self) -> None:
+        selected = self._selected()
+        if selected is not None:
+            self.app.open_run(selected.path)
+
+    def action_compare(self) -> None:
+        selected = self._selected()
+        if selected is None:
+            return
+        if self.marked is None or self.marked == selected.path:
+            self.marked = None if self.marked == selected.path else selected.path
+            self.notify(f"marked {selected.name}: choose a second run and press c" if self.marked else "unmarked")
+            return
+        from .compare import CompareScreen
+
+        first, self.marked = self.marked, None
+        self.app.push_screen(CompareScreen(first, selected.path))
+
+    def action_rescan(self) -> None:
+        self.scan_worker()
+
+    @on(DataTable.RowSelected)
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()

@@ -1,0 +1,177 @@
+"""A run as the TUI follows it: opened once, then kept current by cheap polls (no Textual).
+
+:meth:`RunSource.poll` costs one ``stat`` of the commit file while nothing
+changes. When the commit file changes it reads only the new snapshots' rows of
+the per-snapshot metrics, so following a run with thousands of snapshots stays
+cheap. Reading goes through ``open_run``; the two calls marked *reader switch*
+are where ``Run.refresh()`` and ``Run.preview()`` take over once the reader
+offers them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..store import ParamInfo, open_run
+from ..store.schema import COMMIT_FILE, COUNT_FIELDS, COUNTS, NULL_OVERLAP, STEPS, TIMES
+from .data import RunStatus, RunView, block_density, describe_error, live_status, read_commit
+
+__all__ = ["RunSource", "StatusReader", "Update", "density_grid", "profiles_at", "spectral_series"]
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a poll found: a new view (None if unchanged) and the commit file's content."""
+
+    view: RunView | None
+    commit: dict[str, Any]
+    new_snapshots: int
+    reloaded: bool
+
+
+class RunSource:
+    """One run store, followed by polling its commit file.
+
+    Not thread-safe: one worker owns it. The :class:`RunView` objects it hands
+    out are immutable and safe to pass to the UI thread.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.run: Any = None
+        self.view: RunView | None = None
+        self.commit: dict[str, Any] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._created: Any = None
+
+    def _commit_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path / COMMIT_FILE)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> Update:
+        """Open the run and read every committed snapshot's metrics.
+
+        Raises:
+            StoreError and zarr/OS errors: no run, a newer schema, a damaged store.
+        """
+        self._stamp = self._commit_stamp()
+        self.run = open_run(self.path)
+        self._created = self.run.attrs.get("run", {}).get("created")
+        self.view = RunView.load(self.run)
+        self.commit = dict(self.run.commit)
+        return Update(self.view, self.commit, self.view.num_snapshots, True)
+
+    def poll(self) -> Update:
+        """Look for new commits; read only what is new."""
+        stamp = self._commit_stamp()
+        if stamp == self._stamp and self.view is not None:
+            return Update(None, self.commit, 0, False)
+        if self.view is None:
+            return self.load()
+        commit = read_commit(self.path)
+        old = self.view.num_snapshots
+        new = int(commit.get("snapshots", 0) or 0)
+        run = open_run(self.path)  # reader switch: self.run.refresh() once the reader has it
+        if new < old or run.attrs.get("run", {}).get("created") != self._created:
+            return self.load()  # the run was replaced (a new run in the same directory)
+        view = self.view
+        if new > old:
+            view = view.extended(
+                steps=self._rows(STEPS, old, new),
+                times=self._rows(TIMES, old, new),
+                counts=self._rows(COUNTS, old, new),
+                null=self._rows(NULL_OVERLAP, old, new),
+            )
+        self._stamp = stamp
+        self.run, self.view, self.commit = run, view, commit
+        return Update(view if new > old else None, commit, new - old, False)
+
+    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        array = zarr.open_array(store=str(self.path), path=name, mode="r", zarr_format=3)
+        return np.asarray(array[start:stop])
+
+
+def density_grid(run: Any, info: ParamInfo, snapshot: int, rows: int, cols: int, *, mode: str = "base") -> np.ndarray:
+    """Block densities of the changed mask (``mode="base"``) or of its flips since the previous snapshot (``"flips"``)."""
+    mask = run.mask(info, snapshot)  # reader switch: run.preview(info, snapshot) for "base" once the reader has it
+    if mode == "flips":
+        previous = run.mask(info, snapshot - 1) if snapshot > 0 else np.zeros_like(mask)
+        mask = mask ^ previous
+    elif mode != "base":
+        raise ValueError(f"unknown density-map mode {mode!r}; expected base or flips")
+    return block_density(mask, rows, cols)
+
+
+def profiles_at(run: Any, info: ParamInfo, snapshots: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row ratios rho (len(snapshots), m) and column ratios kappa (len(snapshots), n) (Sec. 2.2, Fig. 3)."""
+    m, n = info.shape
+    rows = np.asarray(run.row_counts(info))[snapshots] / n
+    cols = np.asarray(run.col_counts(info))[snapshots] / m
+    return rows, cols
+
+
+def spectral_series(run: Any, info: ParamInfo) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Spectral drift and angles of one matrix over time, if the run has them: ``{name: (steps, values)}``.
+
+    Empty when the store holds no spectral arrays (runs written without them).
+    """
+    reader = getattr(run, "spectral", None)
+    if callable(reader):
+        try:
+            found = reader(info)
+        except (KeyError, LookupError):
+            return {}
+        return {k: (np.asarray(v[0]), np.asarray(v[1])) for k, v in dict(found or {}).items()}
+    return {}
+
+
+class StatusReader:
+    """Run-list lines, re-read only when a run's commit file changes (one ``stat`` per run and poll otherwise)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, tuple[Any, RunStatus]] = {}
+
+    def status(self, path: Path, *, now: float, stale_after: float) -> RunStatus:
+        try:
+            st = os.stat(path / COMMIT_FILE)
+            stamp: Any = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        cached = self._cache.get(path)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, self._read(path))
+            self._cache[path] = cached
+        base = cached[1]
+        if base.status in ("live", "stale"):
+            word = live_status("running", base.heartbeat, now, stale_after)
+            base = RunStatus(base.path, base.name, word, base.snapshots, base.last_step, base.heartbeat, base.sparsity)
+        return base
+
+    @staticmethod
+    def _read(path: Path) -> RunStatus:
+        commit = read_commit(path)
+        heartbeat = commit.get("heartbeat")
+        try:
+            run = open_run(path)
+            t = run.num_snapshots
+            sparsity = float("nan")
+            if t:
+                last = np.asarray(zarr.open_array(store=str(path), path=COUNTS, mode="r", zarr_format=3)[t - 1])
+                linear = [p.index for p in run.params if p.role == "linear"] or [p.index for p in run.params]
+                numel = sum(run.params[i].numel for i in linear)
+                sparsity = 1.0 - float(last[linear, COUNT_FIELDS.index("changed")].sum()) / numel
+            name = str(run.attrs.get("run", {}).get("name", path.name))
+        except Exception as exc:  # a damaged or foreign store is listed with its reason
+            return RunStatus(path, path.name, "error", 0, None, heartbeat, float("nan"), error=describe_error(exc))
+        status = str(commit.get("status", "unknown"))
+        word = "live" if status == "running" else (status if status in ("finished", "disabled") else "unknown")
+        return RunStatus(path, name, word, t, commit.get("last_step"), heartbeat, sparsity)

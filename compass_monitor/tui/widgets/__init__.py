@@ -1,0 +1,1 @@
+"""Widgets of the TUI: heatmap, density map, detail text."""
