@@ -19,6 +19,13 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .store.inspect import inspect_text
+
+    print(inspect_text(args.run_dir))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # heavy imports (transformers) only for this command
 
@@ -68,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("run_dir", metavar="RUN_DIR", help="a run store directory")
     summary.add_argument("--rows", type=int, default=20, help="at most this many snapshot rows (default 20)")
     summary.set_defaults(func=_cmd_summary)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="print a run store's schema, status, heartbeat, snapshots, gaps, truncations and sizes",
+        description="Describe a run store: schema, status and heartbeat age (is the writer alive?), committed "
+        "snapshots, gaps (snapshots skipped because the writer was behind), truncations (resumes), and bytes on "
+        "disk per group of arrays with the compression ratio against the plain arrays.",
+    )
+    inspect.add_argument("run_dir", metavar="RUN_DIR", help="a run store directory")
+    inspect.set_defaults(func=_cmd_inspect)
 
     demo = sub.add_parser(
         "demo",

@@ -34,6 +34,17 @@ class MonitorConfig:
         snapshot_on_close: take a last snapshot at ``close()`` if the last real
             step has none yet.
         max_warnings_per_param: how many non-finite warnings one parameter may log.
+        writer_queue: snapshots that may wait for the background store writer
+            (each holds 1 bit per monitored weight plus row/column counts); 0
+            writes synchronously in the training thread.
+        when_queue_full: ``"block"`` (the training step waits for the writer;
+            nothing is lost) or ``"skip"`` (the snapshot is not taken, a warning
+            is logged and the gap is recorded in the store).
+        key_interval: a full mask is stored every this many snapshots, XOR
+            deltas in between; reading any snapshot decodes at most this many
+            frames. Larger is smaller on disk, slower to seek.
+        store_base: store W0's bf16 codes (2 bytes per weight before
+            compression) in the run, which ``resume=True`` needs.
     """
 
     every_n_steps: int = 10
@@ -47,6 +58,10 @@ class MonitorConfig:
     name_pattern: str | None = None
     snapshot_on_close: bool = True
     max_warnings_per_param: int = 1
+    writer_queue: int = 2
+    when_queue_full: str = "block"
+    key_interval: int = 32
+    store_base: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -58,6 +73,12 @@ class MonitorConfig:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha!r}")
         if self.max_warnings_per_param < 0:
             raise ConfigError(f"max_warnings_per_param must be >= 0, got {self.max_warnings_per_param!r}")
+        if not isinstance(self.writer_queue, int) or isinstance(self.writer_queue, bool) or self.writer_queue < 0:
+            raise ConfigError(f"writer_queue must be an integer >= 0 (0 = write synchronously), got {self.writer_queue!r}")
+        if self.when_queue_full not in ("block", "skip"):
+            raise ConfigError(f"when_queue_full must be 'block' or 'skip', got {self.when_queue_full!r}")
+        if not isinstance(self.key_interval, int) or isinstance(self.key_interval, bool) or self.key_interval < 1:
+            raise ConfigError(f"key_interval must be an integer >= 1, got {self.key_interval!r}")
         if self.name_pattern is not None:
             try:
                 re.compile(self.name_pattern)

@@ -38,6 +38,8 @@ from .matrix_probe import MatrixBase, capture_base, measure
 from .precision_null import null_overlaps
 from .selection import ParamSpec, select_parameters
 from .store import schema
+from .store.async_writer import AsyncWriter
+from .store.resume import ResumePlan, plan_resume, resume_config
 from .store.writer import RunWriter, SnapshotRecord
 
 __all__ = ["CompassMonitor"]
@@ -80,11 +82,24 @@ class CompassMonitor:
         config: what to measure and how often.
         run_name: a label for the run (default: the directory name).
         metadata: JSON-serialisable facts to record (model id, task, seed, ...).
+        resume: continue the run store at ``run_dir`` instead of creating one.
+            The base W0 is reloaded from the store (its bf16 codes, checked
+            against the stored fingerprint), never taken from ``model``; the
+            parameter layout and the measurement settings must match; the
+            model must descend from the stored base (its weights equal W0
+            almost everywhere the kept snapshot says they had not changed).
+            Snapshots after ``resume_step`` are dropped (recorded in the
+            store's history) and new ones are appended.
+        resume_step: the optimizer step the training resumes from (the
+            checkpoint's step); default: the last committed snapshot's step.
+            The monitor's step counter continues from it.
 
     Raises:
         ConfigError: an invalid configuration.
         SelectionError: no parameter matches the configuration.
         StoreExistsError: ``run_dir`` holds a run or other files.
+        ResumeError: (``resume=True``) the store cannot be continued with this
+            model or configuration; the message names what differs.
     """
 
     def __init__(
@@ -95,7 +110,11 @@ class CompassMonitor:
         config: MonitorConfig | None = None,
         run_name: str | None = None,
         metadata: dict[str, Any] | None = None,
+        resume: bool = False,
+        resume_step: int | None = None,
     ) -> None:
+        if resume:
+            config = resume_config(run_dir, config)
         self.config = config or MonitorConfig()
         selected = select_parameters(model, self.config)
         self.specs: list[ParamSpec] = [spec for spec, _ in selected]
@@ -107,6 +126,9 @@ class CompassMonitor:
         self._latest: tuple[int, np.ndarray, np.ndarray] | None = None
         self.enabled = True
         self.disabled_reason: str | None = None
+        if resume:
+            self._resume(run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
+            return
 
         self._states, class_counts, fingerprints = self._capture_base()
         self._class_counts = class_counts
@@ -125,13 +147,84 @@ class CompassMonitor:
             "versions": _versions(),
             "metadata": metadata or {},
         }
-        self.writer = RunWriter.create(run_dir, params=self.specs, attributes=attributes)
-        self.writer.write_base(
+        store = RunWriter.create(run_dir, params=self.specs, attributes=attributes, key_interval=self.config.key_interval)
+        self.writer = self._start_writer(store)
+        # The base goes through the writer thread too (compressing W0 takes a while);
+        # CPU tensors are handed over as zero-copy views (they are never modified).
+        self.writer.submit_base(
             fingerprints=fingerprints,
             class_counts=class_counts,
             reference_packed=[state.reference_packed.cpu().numpy() for state in self._states],
+            base_codes=[state.base_bits.cpu().numpy() for state in self._states] if self.config.store_base else None,
         )
         log.info("compass-monitor: watching %d matrices (%d weights) -> %s", len(self.specs), self.num_weights, run_dir)
+
+    def _start_writer(self, store: RunWriter) -> AsyncWriter:
+        return AsyncWriter(store, queue_size=self.config.writer_queue, when_full=self.config.when_queue_full)
+
+    # -- resume ------------------------------------------------------------------
+    def _resume(self, run_dir: str | os.PathLike[str], *, resume_step: int | None, run_name: str | None, metadata: dict[str, Any] | None) -> None:
+        AsyncWriter.release(run_dir)  # a monitor of this process that was never closed stops writing first
+        plan = plan_resume(run_dir, self.specs, self._params, self.config, resume_step=resume_step)
+        store = RunWriter.open_existing(run_dir, key_interval=self.config.key_interval)
+        event = {"step": plan.step, "pid": os.getpid(), "host": socket.gethostname()}
+        if run_name or metadata:
+            event.update({"run_name": run_name, "metadata": metadata or {}})
+        store.resume(plan.keep, event=event)
+        self._states = plan.states
+        self._class_counts = plan.class_counts
+        self._restore(plan, store)
+        self.writer = self._start_writer(store)
+        log.info(
+            "compass-monitor: resumed %s at step %d: kept %d snapshots, dropped %d",
+            run_dir,
+            plan.step,
+            plan.keep,
+            plan.dropped,
+        )
+
+    def _restore(self, plan: ResumePlan, store: RunWriter) -> None:
+        """Step counter, previous masks (for flips_since_previous) and latest scalars after a resume/rewind."""
+        for state, packed in zip(self._states, store.previous_packed):
+            state.previous_packed = torch.from_numpy(np.array(packed, copy=True)).to(state.base_bits.device)
+        self.step = plan.step
+        self._last_snapshot_step = plan.last_snapshot_step
+        self._latest = plan.latest
+
+    def state_dict(self) -> dict[str, Any]:
+        """Minimal state for a training checkpoint: the step counter and the last snapshot's step."""
+        return {
+            "step": self.step,
+            "last_snapshot_step": self._last_snapshot_step,
+            "run_dir": self.run_dir,
+            "schema_version": schema.SCHEMA_VERSION,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`: rewind to its step. Never raises.
+
+        Snapshots after the checkpoint's step are dropped from the store
+        (recorded in its history); the step counter and the previous masks are
+        restored from the store. Use with ``resume=True``.
+        """
+        if self.enabled:
+            self._guarded(self._rewind, int(state["step"]))
+
+    def _rewind(self, step: int) -> None:
+        self.writer.flush()
+        if self.writer.error is not None:
+            self._raise_writer_error()
+        plan = plan_resume(self.run_dir, self.specs, self._params, self.config, resume_step=step, states=self._states, check_model=False)
+        self.writer.call(lambda store: store.resume(plan.keep, event={"step": step, "by": "load_state_dict"}))
+        self._restore(plan, self.writer.writer)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every snapshot taken so far is committed to the store. True if done in time."""
+        return self.writer.flush(timeout)
+
+    def _raise_writer_error(self) -> None:
+        error = self.writer.error
+        raise RuntimeError(f"the run-store writer failed ({self.writer.error_context}): {type(error).__name__}: {error}")
 
     @property
     def num_weights(self) -> int:
@@ -181,6 +274,9 @@ class CompassMonitor:
         if not self.enabled:
             return
         self.step += 1
+        if self.writer.error is not None:
+            self._guarded(self._raise_writer_error)
+            return
         if self.step % self.config.every_n_steps == 0:
             self._guarded(self._snapshot, self.step)
 
@@ -196,19 +292,17 @@ class CompassMonitor:
             self._disable(f"{type(exc).__name__}: {exc}")
 
     def _disable(self, reason: str) -> None:
+        self.enabled = False
+        self.disabled_reason = reason
+        self._detach()
+        # Writes what is still queued (if the writer is healthy), then marks the store.
+        self.writer.abort("disabled", reason=reason, step=self.step)
         log.error(
             "compass-monitor: disabled at step %d: %s. Training continues; the run store keeps the %d committed snapshots.",
             self.step,
             reason,
             self.writer.num_snapshots,
         )
-        self.enabled = False
-        self.disabled_reason = reason
-        self._detach()
-        try:
-            self.writer.mark("disabled")
-        except Exception as exc:
-            log.error("compass-monitor: could not mark the run store disabled: %s", exc)
 
     def _detach(self) -> None:
         for handle in self._hooks:
@@ -219,6 +313,13 @@ class CompassMonitor:
     @torch.no_grad()
     def _snapshot(self, step: int) -> None:
         if self._last_snapshot_step == step:
+            return
+        if self.writer.error is not None:
+            self._raise_writer_error()
+        if self.config.when_queue_full == "skip" and self.writer.full():
+            # The writer is behind: skip the snapshot before paying for it; the
+            # next one's flips are then counted against the last stored mask.
+            self.writer.note_gap(step)
             return
         measurements = [measure(state, param) for state, param in zip(self._states, self._params)]
         # One host transfer per kind of result for the whole snapshot.
@@ -236,7 +337,8 @@ class CompassMonitor:
             packed=_split(packed, [(s.numel + 7) // 8 for s in self.specs]),
         )
         self._warn_nonfinite(counts[:, schema.COUNT_FIELDS.index("nonfinite")])
-        self.writer.append(record)
+        if not self.writer.submit(record) and self.writer.error is not None:
+            self._raise_writer_error()
         self._last_snapshot_step = step
         self._latest = (step, record.counts, record.null_overlap)
 
@@ -275,18 +377,27 @@ class CompassMonitor:
 
     # -- end of run ----------------------------------------------------------------
     def close(self) -> None:
-        """Take the last snapshot (if configured and due), finalize the store, detach. Never raises."""
+        """Take the last snapshot (if configured and due), wait for the writer, finalize the store, detach. Never raises."""
         if not self.enabled:
             return
+        if self.writer.error is not None:
+            self._guarded(self._raise_writer_error)
+            return
         if self.config.snapshot_on_close and self.step > 0 and self._last_snapshot_step != self.step:
+            self.writer.flush()  # the last snapshot is never skipped for a full queue
             self._guarded(self._snapshot, self.step)
         if not self.enabled:
             return
         self._detach()
-        try:
-            self.writer.finalize(status="finished")
-        except Exception as exc:
-            self._disable(f"finalize failed: {type(exc).__name__}: {exc}")
+        self.writer.close("finished")
+        if self.writer.error is not None:
+            reason = f"finalize failed ({self.writer.error_context}): {type(self.writer.error).__name__}: {self.writer.error}"
+            self.disabled_reason = reason
+            log.error("compass-monitor: %s; the run store keeps the %d committed snapshots", reason, self.writer.num_snapshots)
+            try:
+                self.writer.writer.mark("disabled", reason=reason)
+            except Exception as exc:  # noqa: BLE001
+                log.error("compass-monitor: could not mark the run store disabled: %s", exc)
         self.enabled = False
 
     def __enter__(self) -> "CompassMonitor":

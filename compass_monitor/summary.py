@@ -38,6 +38,16 @@ def summary_text(run: Run, *, max_rows: int = 20) -> str:
         f"run {run_info.get('name', run.path.name)!r} [{run.status}{age}]: {len(run.params)} matrices, "
         f"{numel / 1e6:.2f}M weights, {run.num_snapshots} snapshots, every {run.config.get('every_n_steps', '?')} steps"
     )
+    gaps = getattr(run, "gaps", [])
+    if gaps:
+        lines.append(
+            f"gaps: {sum(g[2] for g in gaps)} snapshot(s) skipped because the store writer was behind, at steps "
+            + ", ".join(f"{a}" + (f"..{b}" if b != a else "") for a, b, _ in gaps[:8])
+            + (", ..." if len(gaps) > 8 else "")
+        )
+    dropped = [e for e in getattr(run, "history", []) if e.get("event") == "resumed" and e.get("dropped")]
+    if dropped:
+        lines.append("resumed: " + "; ".join(f"at step {e.get('step')}, {e.get('dropped')} later snapshot(s) dropped" for e in dropped))
     if run.num_snapshots == 0:
         lines.append("no committed snapshots yet")
         return "\n".join(lines)

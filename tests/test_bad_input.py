@@ -161,13 +161,16 @@ def test_store_failure_mid_run_disables_monitor(tmp_path, caplog):
     run_dir = tmp_path / "run"
     monitor = watch(model, optimizer, run_dir, config=MonitorConfig(every_n_steps=1, principal_rank=2))
     step(model, optimizer)
+    assert monitor.flush(timeout=30)  # snapshot 1 is committed before the store breaks
     # The store becomes unwritable under the monitor: a directory it writes to is now a file.
     shutil.rmtree(run_dir / "masks" / "changed")
     (run_dir / "masks" / "changed").write_text("not a directory")
     with caplog.at_level(logging.ERROR, logger="compass_monitor"):
         for _ in range(3):
             step(model, optimizer)
-    assert not monitor.enabled and "disabled at step 2" in caplog.text
+        monitor.flush(timeout=30)
+        step(model, optimizer)  # the writer's failure reaches the monitor at the next step at the latest
+    assert not monitor.enabled and "snapshot of step 2" in caplog.text and "disabled at step" in caplog.text
     monitor.close()
     run = open_run(run_dir)
     assert run.status == "disabled" and run.num_snapshots == 1
@@ -179,7 +182,7 @@ def test_reader_errors(tmp_path):
     finished_run(tmp_path / "run")
     meta = tmp_path / "run" / "zarr.json"
     text = meta.read_text()
-    meta.write_text(text.replace('"schema_version": 1', '"schema_version": 99'))
+    meta.write_text(text.replace('"schema_version": 2', '"schema_version": 99'))
     with pytest.raises(SchemaVersionError, match="schema 99.*Upgrade compass-monitor"):
         open_run(tmp_path / "run")
     meta.write_text("{ broken")

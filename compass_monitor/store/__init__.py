@@ -1,12 +1,15 @@
 """The run store: a Zarr v3 group per run (layout in ``docs/store-schema.md``)."""
 
+from .async_writer import AsyncWriter
 from .reader import ParamInfo, Run, open_run
-from .schema import NotARunError, SchemaVersionError, StoreError, StoreExistsError
+from .schema import NotARunError, ResumeError, SchemaVersionError, StoreError, StoreExistsError
 from .writer import RunWriter, SnapshotRecord
 
 __all__ = [
+    "AsyncWriter",
     "NotARunError",
     "ParamInfo",
+    "ResumeError",
     "Run",
     "RunWriter",
     "SchemaVersionError",

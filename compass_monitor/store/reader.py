@@ -2,24 +2,35 @@
 
 Only committed snapshots are visible: the reader takes the snapshot count from
 the commit file and never indexes past it, even if a writer has already
-resized or filled later rows.
+resized or filled later rows. A live viewer polls :meth:`Run.refresh`, which
+re-reads the commit file and, when snapshots were added, reopens array
+handles that are too short and extends its cached series by the new rows only.
+
+The mask encoding (key frames, XOR deltas, Rice-coded positions) is hidden:
+:meth:`Run.mask` returns the (m, n) boolean mask of any committed snapshot,
+decoding at most ``key_interval`` frames, and caches the last mask per matrix so
+that stepping through time decodes one frame per step.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from . import schema
+from . import codec, schema
 
-__all__ = ["ParamInfo", "Run", "open_run"]
+__all__ = ["ParamInfo", "Run", "open_run", "reconstruct_packed"]
+
+_PROFILE_CACHE = 64  # per-matrix series (rows, cols, previews) kept in memory
 
 
 @dataclass(frozen=True)
@@ -39,21 +50,14 @@ class ParamInfo:
         return self.shape[0] * self.shape[1]
 
 
-def open_run(path: str | os.PathLike[str]) -> "Run":
-    """Open a run store for reading.
-
-    Raises:
-        NotARunError: no run store at ``path``.
-        SchemaVersionError: the store was written by a newer compass-monitor.
-    """
-    root = Path(path)
+def _open_group(root: Path) -> tuple[zarr.Group, dict[str, Any]]:
     if not (root / "zarr.json").is_file():
         raise schema.NotARunError(f"{root} is not a compass-monitor run store (no zarr.json); pass a run directory")
     try:
         group = zarr.open_group(store=str(root), mode="r")
+        attrs = dict(group.attrs)
     except Exception as exc:  # zarr raises several types for damaged metadata
         raise schema.NotARunError(f"{root}: cannot read the store's metadata ({exc})") from exc
-    attrs = dict(group.attrs)
     if attrs.get("format") != schema.FORMAT_NAME:
         raise schema.NotARunError(f"{root} is a Zarr group but not a compass-monitor run (format={attrs.get('format')!r})")
     version = attrs.get("schema_version")
@@ -62,11 +66,43 @@ def open_run(path: str | os.PathLike[str]) -> "Run":
             f"{root} uses run-store schema {version!r}; this compass-monitor reads up to "
             f"{schema.SCHEMA_VERSION}. Upgrade compass-monitor to read it."
         )
+    return group, attrs
+
+
+def open_run(path: str | os.PathLike[str]) -> "Run":
+    """Open a run store for reading (also while a writer is appending to it).
+
+    Raises:
+        NotARunError: no run store at ``path``.
+        SchemaVersionError: the store was written by a newer compass-monitor.
+    """
+    root = Path(path)
+    group, attrs = _open_group(root)
     return Run(root, group, attrs)
 
 
+def _segment_start(encodings: np.ndarray, t: int) -> int:
+    """Index of the key frame that snapshot t's mask starts from (the last key at or before t)."""
+    keys = np.flatnonzero((encodings[: t + 1] & codec.DELTA) == 0)
+    if keys.size == 0:
+        raise ValueError(f"no key frame at or before snapshot {t}: the store is damaged")
+    return int(keys[-1])
+
+
+def reconstruct_packed(frames: Any, changed: Any, p: int, t: int, numel: int) -> np.ndarray:
+    """Packed mask of matrix p at snapshot t from the frame arrays (key frame + deltas)."""
+    headers = np.asarray(frames[: t + 1, p])
+    start = _segment_start(headers[:, 0], t)
+    payloads = changed[start : t + 1]
+    packed = None
+    for j in range(start, t + 1):
+        packed = codec.apply_frame(packed, headers[j], payloads[j - start], numel)
+    assert packed is not None
+    return packed
+
+
 class Run:
-    """A run store opened for reading. Arrays are read lazily."""
+    """A run store opened for reading. Arrays are read lazily, committed snapshots only."""
 
     def __init__(self, path: Path, group: zarr.Group, attrs: dict[str, Any]) -> None:
         self.path = path
@@ -78,18 +114,52 @@ class Run:
         ]
         self._by_name = {p.name: p for p in self.params}
         self.commit = self._read_commit()
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        self._arrays: dict[str, zarr.Array | None] = {}
+        self._series: dict[str, np.ndarray] = {}
+        self._profiles: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._mask_cache: dict[int, tuple[int, np.ndarray]] = {}
 
     def _read_commit(self) -> dict[str, Any]:
-        try:
-            with open(self.path / schema.COMMIT_FILE, encoding="utf-8") as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return {"snapshots": 0, "last_step": None, "status": "unknown", "heartbeat": None}
+        for _ in range(3):
+            try:
+                with open(self.path / schema.COMMIT_FILE, encoding="utf-8") as handle:
+                    return json.load(handle)
+            except FileNotFoundError:
+                return {"snapshots": 0, "last_step": None, "status": "unknown", "heartbeat": None}
+            except json.JSONDecodeError:  # not written by this package's atomic writer; retry
+                time.sleep(0.01)
+        raise schema.StoreError(f"{self.path / schema.COMMIT_FILE} is not valid JSON")
+
+    # -- live viewing ------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Re-read the commit file (and array metadata as needed). True if the committed snapshots changed.
+
+        New snapshots extend the cached series; a truncation (a resumed run that
+        dropped snapshots, seen as a new ``generation``) or a change of the
+        store's layout state (finished <-> running) reopens everything.
+        """
+        old = self.commit
+        new = self._read_commit()
+        self.commit = new
+        grew = int(new.get("snapshots", 0)) != int(old.get("snapshots", 0))
+        regenerated = new.get("generation", 0) != old.get("generation", 0) or int(new.get("snapshots", 0)) < int(old.get("snapshots", 0))
+        if regenerated or (new.get("status") != old.get("status") and "finished" in (new.get("status"), old.get("status"))):
+            group, attrs = _open_group(self.path)
+            self._group, self.attrs = group, attrs
+            self._reset_caches()
+        return grew or regenerated
 
     # -- run-level facts -------------------------------------------------
     @property
     def config(self) -> dict[str, Any]:
         return self.attrs.get("config", {})
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.attrs.get("schema_version", 1))
 
     @property
     def status(self) -> str:
@@ -100,14 +170,103 @@ class Run:
     def num_snapshots(self) -> int:
         return int(self.commit.get("snapshots", 0))
 
-    @cached_property
+    @property
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the writer last committed (or refreshed its heartbeat); None if unknown."""
+        beat = self.commit.get("heartbeat")
+        return None if beat is None else max(0.0, time.time() - float(beat))
+
+    @property
+    def writer_alive(self) -> bool | None:
+        """For a ``running`` run written on this host: whether the writing process still exists (None if unknown)."""
+        writer = self.commit.get("writer") or {}
+        if self.status != "running" or writer.get("host") != socket.gethostname() or not writer.get("pid"):
+            return None
+        try:
+            os.kill(int(writer["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    @property
+    def is_stale(self) -> bool:
+        """A ``running`` run whose writer is gone: its process is dead, or its heartbeat is older than
+        three heartbeat intervals (5 minutes if the writer recorded none)."""
+        if self.status != "running":
+            return False
+        if self.writer_alive is False:
+            return True
+        age = self.heartbeat_age
+        interval = self.commit.get("heartbeat_interval") or 100.0
+        return age is not None and age > 3 * float(interval)
+
+    @property
+    def gaps(self) -> list[tuple[int, int, int]]:
+        """Snapshots not stored because the writer's queue was full: (first_step, last_step, count)."""
+        return [tuple(int(x) for x in g) for g in self.commit.get("gaps", [])]  # type: ignore[misc]
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Events of the run's life: created, resumed (with snapshots dropped), disabled, finished."""
+        return list(self.commit.get("history", []))
+
+    @property
+    def key_interval(self) -> int:
+        return int(self.commit.get("key_interval") or self.attrs.get("storage", {}).get("key_interval", 1))
+
+    # -- arrays --------------------------------------------------------------
+    def _array(self, path: str, *, rows: int = 0) -> zarr.Array | None:
+        """An open array handle with at least ``rows`` rows (reopened when a writer grew it); None if absent."""
+        array = self._arrays.get(path)
+        if array is None or array.shape[0] < rows:
+            try:
+                array = self._group[path]
+            except KeyError:
+                array = None
+            if array is not None and array.shape[0] < rows:
+                array = zarr.open_array(store=str(self.path), path=path, mode="r")
+            self._arrays[path] = array
+        return array
+
+    def _read_series(self, path: str, cached: np.ndarray | None) -> np.ndarray | None:
+        """The first T rows of a time-indexed array, reading only rows not yet cached."""
+        t = self.num_snapshots
+        if cached is not None and cached.shape[0] == t:
+            return cached
+        array = self._array(path, rows=t)
+        if array is None:
+            return None
+        if cached is not None and cached.shape[0] < t:
+            fresh = np.asarray(array[cached.shape[0] : t])
+            return np.concatenate([cached, fresh])
+        return np.asarray(array[:t])
+
+    def _series_of(self, path: str) -> np.ndarray | None:
+        value = self._read_series(path, self._series.get(path))
+        if value is not None:
+            self._series[path] = value
+        return value
+
+    def _profile(self, prefix: str, info: ParamInfo) -> np.ndarray | None:
+        key = (prefix, info.index)
+        value = self._read_series(f"{prefix}/{info.id}", self._profiles.get(key))
+        if value is not None:
+            self._profiles[key] = value
+            self._profiles.move_to_end(key)
+            while len(self._profiles) > _PROFILE_CACHE:
+                self._profiles.popitem(last=False)
+        return value
+
+    @property
     def steps(self) -> np.ndarray:
         """Optimizer step of each committed snapshot, (T,) int64."""
-        return self._group[schema.STEPS][: self.num_snapshots]
+        return self._series_of(schema.STEPS)
 
-    @cached_property
+    @property
     def times(self) -> np.ndarray:
-        return self._group[schema.TIMES][: self.num_snapshots]
+        return self._series_of(schema.TIMES)
 
     def param(self, key: str | int | ParamInfo) -> ParamInfo:
         """Look a parameter up by name, index or ParamInfo."""
@@ -121,27 +280,35 @@ class Run:
             raise KeyError(f"no monitored parameter named {key!r} in {self.path}") from None
 
     # -- metrics -----------------------------------------------------------
-    @cached_property
+    @property
     def counts(self) -> np.ndarray:
         """Raw counts (T, P, F) in the order of ``schema.COUNT_FIELDS``."""
-        return self._group[schema.COUNTS][: self.num_snapshots]
+        return self._series_of(schema.COUNTS)
 
     def count(self, field: str) -> np.ndarray:
         """One column of :attr:`counts`, (T, P) int64."""
         return self.counts[:, :, schema.COUNT_FIELDS.index(field)]
 
-    @cached_property
+    @property
     def null_overlap(self) -> np.ndarray:
         """Precision-null overlaps (T, P, 3) in the order of ``schema.REFERENCE_MASKS``."""
-        return self._group[schema.NULL_OVERLAP][: self.num_snapshots]
+        return self._series_of(schema.NULL_OVERLAP)
 
-    @cached_property
+    @property
     def base_fingerprint(self) -> np.ndarray:
-        return self._group[schema.BASE_FINGERPRINT][...]
+        return np.asarray(self._group[schema.BASE_FINGERPRINT][...])
 
-    @cached_property
+    @property
     def base_class_counts(self) -> np.ndarray:
-        return self._group[schema.BASE_CLASS_COUNTS][...]
+        return np.asarray(self._group[schema.BASE_CLASS_COUNTS][...])
+
+    def base_codes(self, param: str | int | ParamInfo) -> np.ndarray | None:
+        """Canonical bf16 codes of W0 (m, n) int16, or None if the run did not store them."""
+        info = self.param(param)
+        if not self.commit.get("base_weights", False):
+            return None
+        array = self._array(f"{schema.BASE_WEIGHTS_PREFIX}/{info.id}")
+        return None if array is None else np.asarray(array[...])
 
     # -- masks and profiles --------------------------------------------------
     def _check_snapshot(self, snapshot: int) -> int:
@@ -150,11 +317,46 @@ class Run:
             raise IndexError(f"snapshot {snapshot} out of range: {t} committed snapshots")
         return snapshot % t
 
+    def frames(self) -> np.ndarray:
+        """Frame headers (T, P, 4) in the order of ``schema.FRAME_FIELDS`` (all zeros for schema 1: packed keys)."""
+        value = self._series_of(schema.FRAMES)
+        if value is None:
+            value = np.zeros((self.num_snapshots, len(self.params), len(schema.FRAME_FIELDS)), dtype=np.int64)
+        return value
+
+    def packed_mask(self, param: str | int | ParamInfo, snapshot: int) -> np.ndarray:
+        """Changed mask of ``param`` at a snapshot, bit-packed (``np.packbits`` of the flat mask)."""
+        info = self.param(param)
+        t = self._check_snapshot(snapshot)
+        headers = self.frames()[:, info.index]
+        encodings = headers[:, 0]
+        start = _segment_start(encodings, t)
+        changed = self._array(f"{schema.CHANGED_PREFIX}/{info.id}", rows=t + 1)
+        cached = self._mask_cache.get(info.index)
+        packed: np.ndarray | None = None
+        if cached is not None:
+            ct, cpacked = cached
+            same_segment = ct < len(encodings) and _segment_start(encodings, ct) == start
+            if same_segment and ct <= t:  # forwards from the cache: apply deltas ct+1..t
+                packed = cpacked
+                for j in range(ct + 1, t + 1):
+                    packed = codec.apply_frame(packed, headers[j], changed[j], info.numel)
+            elif same_segment:  # backwards: M_{j-1} = M_j xor D_j
+                packed = cpacked
+                for j in range(ct, t, -1):
+                    packed = codec.apply_frame(packed, headers[j], changed[j], info.numel)
+        if packed is None:
+            payloads = changed[start : t + 1]
+            for j in range(start, t + 1):
+                packed = codec.apply_frame(packed, headers[j], payloads[j - start], info.numel)
+        assert packed is not None
+        self._mask_cache[info.index] = (t, packed)
+        return packed.copy()
+
     def mask(self, param: str | int | ParamInfo, snapshot: int) -> np.ndarray:
         """Changed mask ``M`` (m, n) bool of ``param`` at the given snapshot index."""
         info = self.param(param)
-        t = self._check_snapshot(snapshot)
-        packed = self._group[f"{schema.CHANGED_PREFIX}/{info.id}"][t]
+        packed = self.packed_mask(info, snapshot)
         return np.unpackbits(packed, count=info.numel).astype(bool).reshape(info.shape)
 
     def reference_mask(self, param: str | int | ParamInfo, which: str) -> np.ndarray:
@@ -166,13 +368,40 @@ class Run:
 
     def row_counts(self, param: str | int | ParamInfo) -> np.ndarray:
         """Changed count per row (T, m); divide by n for the row ratio rho (Sec. 2.2)."""
-        info = self.param(param)
-        return self._group[f"{schema.ROWS_PREFIX}/{info.id}"][: self.num_snapshots]
+        return self._profile(schema.ROWS_PREFIX, self.param(param))
 
     def col_counts(self, param: str | int | ParamInfo) -> np.ndarray:
         """Changed count per column (T, n); divide by m for the column ratio kappa (Sec. 2.2)."""
+        return self._profile(schema.COLS_PREFIX, self.param(param))
+
+    # -- previews ---------------------------------------------------------------
+    def preview_edges(self, param: str | int | ParamInfo) -> tuple[np.ndarray, np.ndarray]:
+        """Block edges (row_edges (bh+1,), col_edges (bw+1,)) of a matrix's preview grid.
+
+        Block (i, j) covers rows ``row_edges[i]:row_edges[i+1]`` and columns
+        ``col_edges[j]:col_edges[j+1]`` (see ``codec.preview_edges``).
+        """
         info = self.param(param)
-        return self._group[f"{schema.COLS_PREFIX}/{info.id}"][: self.num_snapshots]
+        array = self._array(f"{schema.PREVIEW_PREFIX}/{info.id}")
+        if array is not None and "row_edges" in array.attrs:
+            return np.asarray(array.attrs["row_edges"], dtype=np.int64), np.asarray(array.attrs["col_edges"], dtype=np.int64)
+        return codec.preview_edges(*info.shape, schema.PREVIEW_MAX_BLOCKS)
+
+    def preview_counts(self, param: str | int | ParamInfo, snapshot: int) -> np.ndarray:
+        """Changed weights per preview block (bh, bw) int32 at a snapshot."""
+        info = self.param(param)
+        t = self._check_snapshot(snapshot)
+        array = self._array(f"{schema.PREVIEW_PREFIX}/{info.id}", rows=t + 1)
+        if array is None:  # schema 1 stored no previews: derive from the mask
+            rows, cols = self.preview_edges(info)
+            return codec.preview_counts(self.packed_mask(info, t), info.shape, rows, cols)
+        return np.asarray(array[t])
+
+    def preview(self, param: str | int | ParamInfo, snapshot: int) -> np.ndarray:
+        """Density of changed weights per block (bh, bw) float64 at a snapshot (bh, bw <= 32)."""
+        rows, cols = self.preview_edges(param)
+        area = np.diff(rows)[:, None] * np.diff(cols)[None, :]
+        return self.preview_counts(param, snapshot) / np.maximum(area, 1)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r}, params={len(self.params)}, snapshots={self.num_snapshots})"

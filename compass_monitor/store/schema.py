@@ -1,4 +1,4 @@
-"""Names and constants of the run store's on-disk layout (schema version 1).
+"""Names and constants of the run store's on-disk layout (schema version 2).
 
 The layout is documented for people in ``docs/store-schema.md``; this module is
 its single source of truth for code. Parameter names never become paths: each
@@ -15,16 +15,28 @@ __all__ = [
     "COUNT_FIELDS",
     "REFERENCE_MASKS",
     "param_id",
+    "PREVIEW_MAX_BLOCKS",
+    "RUN_STATUSES",
     "StoreError",
     "StoreExistsError",
     "NotARunError",
     "SchemaVersionError",
+    "ResumeError",
 ]
 
 FORMAT_NAME = "compass-monitor-run"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Oldest layout this package still reads (version 1 stored every mask packed; it
+#: reads as version 2 with every frame a packed key frame).
+OLDEST_READABLE_VERSION = 1
 #: JSON file replaced atomically after each snapshot; readers read only up to it.
 COMMIT_FILE = "commit.json"
+#: ``running`` (a writer is or was appending), ``finished``, ``disabled`` (the monitor stopped itself).
+RUN_STATUSES = ("running", "finished", "disabled")
+#: Previews: at most this many blocks along each axis of a matrix.
+PREVIEW_MAX_BLOCKS = 32
+#: Columns of ``masks/frames`` (T, P, 4) int64.
+FRAME_FIELDS = ("encoding", "ones", "rice_k", "split")
 
 #: Columns of ``metrics/counts`` (T, P, len(COUNT_FIELDS)), int64.
 COUNT_FIELDS = (
@@ -43,6 +55,9 @@ BASE_FINGERPRINT = "base/fingerprint"
 BASE_CLASS_COUNTS = "base/class_counts"
 REFERENCE_PREFIX = "masks/reference"
 CHANGED_PREFIX = "masks/changed"
+FRAMES = "masks/frames"
+PREVIEW_PREFIX = "previews"
+BASE_WEIGHTS_PREFIX = "base/weights"
 ROWS_PREFIX = "profiles/rows"
 COLS_PREFIX = "profiles/cols"
 STEPS = "snapshots/step"
@@ -70,3 +85,7 @@ class NotARunError(StoreError):
 
 class SchemaVersionError(StoreError):
     """The store was written by a newer compass-monitor."""
+
+
+class ResumeError(StoreError):
+    """A run store cannot be continued with this model or configuration (the message says what differs)."""

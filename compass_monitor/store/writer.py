@@ -1,10 +1,18 @@
-"""Writes a run store (Zarr v3) snapshot by snapshot.
+"""Writes a run store (Zarr v3, schema version 2) snapshot by snapshot.
 
 Every array uses spec-standard codecs only (bytes + zstd), so any Zarr v3
-reader opens it. Arrays that grow along time are over-allocated geometrically
-(fewer metadata rewrites) and trimmed at ``finalize``; the commit file, written
-last and replaced atomically, says how many snapshots are complete. A reader
-that trusts only the commit file never sees a half-written snapshot.
+reader opens it. Masks are stored as frames (``codec``): a key frame every
+``key_interval`` snapshots, XOR deltas with the previous stored snapshot in
+between, each as the smaller of packed bits and Rice-coded positions. Arrays
+that grow along time are over-allocated geometrically (fewer metadata
+rewrites) and trimmed at ``finalize``; every file is replaced atomically
+(zarr's ``LocalStore`` writes a temporary file and renames it), and the commit
+file, written last, says how many snapshots are complete. A reader that trusts
+only the commit file never sees a half-written snapshot; a writer killed at any
+moment leaves every committed snapshot intact.
+
+This class is not thread-safe: one thread writes (``async_writer.AsyncWriter``
+runs it on a background thread for the monitor).
 """
 
 from __future__ import annotations
@@ -12,29 +20,44 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from ..selection import ParamSpec
-from . import schema
+from . import codec, schema
 
-__all__ = ["RunWriter", "SnapshotRecord"]
+__all__ = ["RunWriter", "SnapshotRecord", "check_target_free", "DEFAULT_KEY_INTERVAL"]
 
 log = logging.getLogger(__name__)
 
 _ZSTD = ZstdCodec(level=1)
 _INITIAL_CAPACITY = 16
+#: Default distance between key frames (snapshots); see ``MonitorConfig.key_interval``.
+DEFAULT_KEY_INTERVAL = 32
+# Rows of a base-weight chunk: about 2**21 int16 values (4 MiB before compression).
+_BASE_CHUNK_VALUES = 1 << 21
+_HISTORY_LIMIT = 200
+
+
+class _Param(Protocol):
+    name: str
+    role: str
+    module_type: str
+    layer: int
+    shape: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class SnapshotRecord:
-    """Everything one snapshot adds to the store (host arrays)."""
+    """Everything one snapshot adds to the store (host arrays; not modified after hand-off)."""
 
     step: int
     wall_time: float
@@ -42,7 +65,7 @@ class SnapshotRecord:
     null_overlap: np.ndarray  # (P, 3) float64
     rows: list[np.ndarray]  # per param (m,) int32
     cols: list[np.ndarray]  # per param (n,) int32
-    packed: list[np.ndarray]  # per param (nbytes,) uint8
+    packed: list[np.ndarray]  # per param (nbytes,) uint8, np.packbits of the flat mask
 
 
 def check_target_free(path: Path) -> None:
@@ -52,8 +75,8 @@ def check_target_free(path: Path) -> None:
     if path.is_dir() and any(path.iterdir()):
         if (path / "zarr.json").exists():
             raise schema.StoreExistsError(
-                f"{path} already holds a run store; choose a new run directory "
-                "(nothing was written, the existing run is untouched)"
+                f"{path} already holds a run store; choose a new run directory, or pass resume=True to "
+                "continue it (nothing was written, the existing run is untouched)"
             )
         raise schema.StoreExistsError(
             f"{path} exists and is not empty; choose a new or empty directory for the run store"
@@ -61,7 +84,7 @@ def check_target_free(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle)
         handle.flush()
@@ -69,24 +92,62 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class RunWriter:
-    """Creates a new run store and appends committed snapshots to it."""
+def read_commit(path: Path) -> dict[str, Any] | None:
+    """The commit file of the store at ``path`` (None if there is none)."""
+    try:
+        with open(path / schema.COMMIT_FILE, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
 
-    def __init__(self, path: Path, group: zarr.Group, params: list[ParamSpec]) -> None:
+
+def _drop_consolidated(path: Path) -> None:
+    """Remove consolidated metadata from the root ``zarr.json`` (it goes stale while a run grows)."""
+    meta_path = path / "zarr.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.pop("consolidated_metadata", None) is not None:
+        _write_json_atomic(meta_path, meta)
+
+
+class RunWriter:
+    """Creates (or reopens, to resume) a run store and appends committed snapshots to it."""
+
+    def __init__(self, path: Path, group: zarr.Group, shapes: list[tuple[int, int]], *, key_interval: int) -> None:
+        if key_interval < 1:
+            raise ValueError(f"key_interval must be >= 1, got {key_interval!r}")
         self.path = path
         self._group = group
-        self._params = params
+        self._shapes = [(int(m), int(n)) for m, n in shapes]
+        self.key_interval = int(key_interval)
         self._count = 0
         self._capacity = 0
         self._last_step: int | None = None
         self._growing: list[zarr.Array] = []
         # Open handles, so that appending never re-reads array metadata.
-        self._per_param: list[tuple[zarr.Array, zarr.Array, zarr.Array]] = []
+        self._per_param: list[tuple[zarr.Array, zarr.Array, zarr.Array, zarr.Array]] = []
         self._reference: list[zarr.Array] = []
+        self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        #: Packed mask of the last stored snapshot, per parameter (deltas are taken against it).
+        self.previous_packed: list[np.ndarray] = [np.zeros((m * n + 7) // 8, dtype=np.uint8) for m, n in self._shapes]
+        self._status = "running"
+        self._generation = 0
+        self._gaps: list[list[int]] = []
+        self._trailing_gap: list[int] = []  # the steps of the last gap entry (this session only)
+        self._history: list[dict[str, Any]] = []
+        self._base_weights = False
+        self.heartbeat_interval: float | None = None
 
+    # -- creation ----------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike[str], *, params: list[ParamSpec], attributes: dict[str, Any]) -> "RunWriter":
-        """Create the store's group and static arrays.
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        params: list[_Param],
+        attributes: dict[str, Any],
+        key_interval: int = DEFAULT_KEY_INTERVAL,
+    ) -> "RunWriter":
+        """Create the store's group and arrays, and commit zero snapshots.
 
         Raises:
             StoreExistsError: ``path`` is a file, a non-empty directory or an existing run.
@@ -110,12 +171,14 @@ class RunWriter:
                     }
                     for i, p in enumerate(params)
                 ],
+                "storage": {"key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS},
                 **attributes,
             }
         )
-        writer = cls(root, group, params)
+        writer = cls(root, group, [p.shape for p in params], key_interval=key_interval)
+        writer._event("created")
         writer._create_arrays()
-        writer._commit(status="running")
+        writer._commit()
         return writer
 
     def _array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any, fill: Any = 0) -> zarr.Array:
@@ -124,83 +187,286 @@ class RunWriter:
         )
 
     def _create_arrays(self) -> None:
-        p = len(self._params)
+        p = len(self._shapes)
         t = _INITIAL_CAPACITY
-        fields, masks = len(schema.COUNT_FIELDS), len(schema.REFERENCE_MASKS)
-        self._steps = self._array(schema.STEPS, (t,), (1024,), "int64", -1)
-        self._times = self._array(schema.TIMES, (t,), (1024,), "float64", float("nan"))
-        self._counts = self._array(schema.COUNTS, (t, p, fields), (1, p, fields), "int64")
-        self._null = self._array(schema.NULL_OVERLAP, (t, p, masks), (1, p, masks), "float64", float("nan"))
-        self._growing = [self._steps, self._times, self._counts, self._null]
-        for i, spec in enumerate(self._params):
+        fields, masks, frame = len(schema.COUNT_FIELDS), len(schema.REFERENCE_MASKS), len(schema.FRAME_FIELDS)
+        steps = self._array(schema.STEPS, (t,), (1024,), "int64", -1)
+        times = self._array(schema.TIMES, (t,), (1024,), "float64", float("nan"))
+        counts = self._array(schema.COUNTS, (t, p, fields), (1, p, fields), "int64")
+        null = self._array(schema.NULL_OVERLAP, (t, p, masks), (1, p, masks), "float64", float("nan"))
+        frames = self._array(schema.FRAMES, (t, p, frame), (1, p, frame), "int64")
+        for i, (m, n) in enumerate(self._shapes):
             pid = schema.param_id(i)
-            m, n = spec.shape
             nbytes = (m * n + 7) // 8
-            self._reference.append(self._array(f"{schema.REFERENCE_PREFIX}/{pid}", (masks, nbytes), (1, nbytes), "uint8"))
+            self._array(f"{schema.REFERENCE_PREFIX}/{pid}", (masks, nbytes), (1, nbytes), "uint8")
+            self._array(f"{schema.CHANGED_PREFIX}/{pid}", (t, nbytes), (1, nbytes), "uint8")
+            self._array(f"{schema.ROWS_PREFIX}/{pid}", (t, m), (1, m), "int32")
+            self._array(f"{schema.COLS_PREFIX}/{pid}", (t, n), (1, n), "int32")
+            rows, cols = codec.preview_edges(m, n, schema.PREVIEW_MAX_BLOCKS)
+            preview = self._array(f"{schema.PREVIEW_PREFIX}/{pid}", (t, rows.size - 1, cols.size - 1), (1, rows.size - 1, cols.size - 1), "int32")
+            preview.attrs.update({"row_edges": rows.tolist(), "col_edges": cols.tolist()})
+        self._open_handles()
+        del steps, times, counts, null, frames
+
+    def _open_handles(self) -> None:
+        g = self._group
+        self._steps, self._times = g[schema.STEPS], g[schema.TIMES]
+        self._counts, self._null, self._frames = g[schema.COUNTS], g[schema.NULL_OVERLAP], g[schema.FRAMES]
+        self._growing = [self._steps, self._times, self._counts, self._null, self._frames]
+        self._per_param, self._reference, self._edges = [], [], []
+        for i, (m, n) in enumerate(self._shapes):
+            pid = schema.param_id(i)
             arrays = (
-                self._array(f"{schema.CHANGED_PREFIX}/{pid}", (t, nbytes), (1, nbytes), "uint8"),
-                self._array(f"{schema.ROWS_PREFIX}/{pid}", (t, m), (1, m), "int32"),
-                self._array(f"{schema.COLS_PREFIX}/{pid}", (t, n), (1, n), "int32"),
+                g[f"{schema.CHANGED_PREFIX}/{pid}"],
+                g[f"{schema.ROWS_PREFIX}/{pid}"],
+                g[f"{schema.COLS_PREFIX}/{pid}"],
+                g[f"{schema.PREVIEW_PREFIX}/{pid}"],
             )
             self._per_param.append(arrays)
             self._growing += arrays
-        self._capacity = t
+            self._reference.append(g[f"{schema.REFERENCE_PREFIX}/{pid}"])
+            attrs = arrays[3].attrs
+            self._edges.append((np.asarray(attrs["row_edges"], dtype=np.int64), np.asarray(attrs["col_edges"], dtype=np.int64)))
+        self._capacity = min(int(a.shape[0]) for a in self._growing)
 
-    def write_base(self, *, fingerprints: np.ndarray, class_counts: np.ndarray, reference_packed: list[np.ndarray]) -> None:
-        """Store what is computed once from W0: fingerprints, spacing classes, reference masks."""
-        self._group.create_array(schema.BASE_FINGERPRINT, data=np.asarray(fingerprints, dtype=np.int64), compressors=_ZSTD)
-        self._group.create_array(schema.BASE_CLASS_COUNTS, data=np.asarray(class_counts, dtype=np.int64), compressors=_ZSTD)
+    def write_base(
+        self,
+        *,
+        fingerprints: np.ndarray,
+        class_counts: np.ndarray,
+        reference_packed: list[np.ndarray],
+        base_codes: list[np.ndarray] | None = None,
+    ) -> None:
+        """Store what is computed once from W0: fingerprints, spacing classes, reference masks,
+        and (if given) the canonical bf16 codes of W0 itself (int16, needed to resume)."""
+        self._group.create_array(schema.BASE_FINGERPRINT, data=np.asarray(fingerprints, dtype=np.int64), compressors=_ZSTD, overwrite=True)
+        self._group.create_array(schema.BASE_CLASS_COUNTS, data=np.asarray(class_counts, dtype=np.int64), compressors=_ZSTD, overwrite=True)
         for array, packed in zip(self._reference, reference_packed):
             array[...] = packed
+        if base_codes is not None:
+            for i, ((m, n), codes) in enumerate(zip(self._shapes, base_codes)):
+                rows = max(1, min(m, _BASE_CHUNK_VALUES // max(n, 1)))
+                array = self._group.create_array(
+                    f"{schema.BASE_WEIGHTS_PREFIX}/{schema.param_id(i)}",
+                    shape=(m, n),
+                    chunks=(rows, n),
+                    dtype="int16",
+                    compressors=_ZSTD,
+                    fill_value=0,
+                    overwrite=True,
+                )
+                array[...] = np.asarray(codes, dtype=np.int16).reshape(m, n)
+            self._base_weights = True
+        self._commit()
 
+    # -- reopening (resume) ---------------------------------------------------------
+    @classmethod
+    def open_existing(cls, path: str | os.PathLike[str], *, key_interval: int | None = None) -> "RunWriter":
+        """Open an existing run store to continue it. Changes nothing until :meth:`resume`.
+
+        Raises:
+            NotARunError: no run store at ``path``.
+            StoreError: the store was written by another schema version.
+        """
+        root = Path(path)
+        if not (root / "zarr.json").is_file():
+            raise schema.NotARunError(f"{root} holds no run store to resume (no zarr.json)")
+        group = zarr.open_group(store=str(root), mode="r+", use_consolidated=False)
+        attrs = dict(group.attrs)
+        if attrs.get("format") != schema.FORMAT_NAME:
+            raise schema.NotARunError(f"{root} is not a compass-monitor run (format={attrs.get('format')!r})")
+        if attrs.get("schema_version") != schema.SCHEMA_VERSION:
+            raise schema.StoreError(
+                f"{root} uses run-store schema {attrs.get('schema_version')!r}; resuming needs schema "
+                f"{schema.SCHEMA_VERSION} (start a new run store)"
+            )
+        commit = read_commit(root) or {}
+        stored_interval = int(attrs.get("storage", {}).get("key_interval", DEFAULT_KEY_INTERVAL))
+        shapes = [tuple(p["shape"]) for p in attrs["params"]]
+        writer = cls(root, group, shapes, key_interval=key_interval or stored_interval)
+        writer._open_handles()
+        writer._count = int(commit.get("snapshots", 0))
+        writer._last_step = commit.get("last_step")
+        writer._status = str(commit.get("status", "running"))
+        writer._generation = int(commit.get("generation", 0))
+        writer._gaps = [list(g) for g in commit.get("gaps", [])]
+        writer._history = list(commit.get("history", []))
+        writer._base_weights = bool(commit.get("base_weights", False))
+        return writer
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._group.attrs)
+
+    @property
+    def commit_state(self) -> dict[str, Any]:
+        return self._commit_payload()
+
+    def resume(self, keep: int, *, event: dict[str, Any]) -> None:
+        """Continue the run after its first ``keep`` committed snapshots; later ones are dropped.
+
+        Records ``event`` (with the number dropped) in the commit history, marks the
+        run ``running`` again, and loads the kept last snapshot's masks as the base of
+        the next delta frames.
+        """
+        if not 0 <= keep <= self._count:
+            raise ValueError(f"cannot keep {keep} of {self._count} committed snapshots")
+        from .reader import reconstruct_packed  # late: reader imports this module's helpers
+
+        dropped = self._count - keep
+        _drop_consolidated(self.path)
+        steps = self._steps[:keep] if keep else np.zeros(0, dtype=np.int64)
+        self._count = keep
+        self._last_step = int(steps[-1]) if keep else None
+        if dropped:
+            self._generation += 1
+            last = self._last_step if self._last_step is not None else -1
+            self._gaps = [g for g in self._gaps if g[0] <= last]
+        self._status = "running"
+        self._event("resumed", dropped=dropped, kept=keep, **event)
+        self._commit()
+        # Arrays past the kept snapshots: trim (deletes their chunks), then grow again on append.
+        for array in self._growing:
+            if array.shape[0] > keep:
+                array.resize((keep, *array.shape[1:]))
+        self._capacity = keep
+        if keep:
+            for i, (m, n) in enumerate(self._shapes):
+                self.previous_packed[i] = reconstruct_packed(self._frames, self._per_param[i][0], i, keep - 1, m * n)
+
+    # -- appending ----------------------------------------------------------------------
     def _grow_to(self, needed: int) -> None:
         if needed <= self._capacity:
             return
-        capacity = max(needed, 2 * self._capacity)
+        capacity = max(needed, 2 * self._capacity, _INITIAL_CAPACITY)
         for array in self._growing:
-            array.resize((capacity, *array.shape[1:]))
+            if array.shape[0] < capacity:
+                array.resize((capacity, *array.shape[1:]))
         self._capacity = capacity
+
+    def is_key(self, index: int) -> bool:
+        """Whether the snapshot with this index is stored as a key frame."""
+        return index % self.key_interval == 0
 
     def append(self, record: SnapshotRecord) -> None:
         """Write one snapshot's arrays, then commit it (the commit file is written last)."""
         if self._last_step is not None and record.step <= self._last_step:
             raise schema.StoreError(f"snapshot steps must increase: got {record.step} after {self._last_step}")
+        if len(record.packed) != len(self._shapes):
+            raise schema.StoreError(f"snapshot has {len(record.packed)} masks, the store {len(self._shapes)}")
+        self._unskip(int(record.step))
         t = self._count
         self._grow_to(t + 1)
-        for (changed, rows, cols), packed, row, col in zip(self._per_param, record.packed, record.rows, record.cols):
-            changed[t] = packed
+        key = self.is_key(t)
+        headers = np.zeros((len(self._shapes), len(schema.FRAME_FIELDS)), dtype=np.int64)
+        for i, ((m, n), arrays, packed, row, col) in enumerate(zip(self._shapes, self._per_param, record.packed, record.rows, record.cols)):
+            changed, rows, cols, preview = arrays
+            numel = m * n
+            packed = np.asarray(packed, dtype=np.uint8)
+            if packed.size != changed.shape[1]:
+                raise schema.StoreError(f"mask {i} has {packed.size} bytes, the store expects {changed.shape[1]}")
+            source = packed if key else np.bitwise_xor(packed, self.previous_packed[i])
+            frame = codec.encode_frame(source, numel, delta=not key)
+            headers[i] = frame.header()
+            buffer = np.zeros(changed.shape[1], dtype=np.uint8)
+            buffer[: frame.payload.size] = frame.payload
+            changed[t] = buffer
             rows[t] = row
             cols[t] = col
+            edges = self._edges[i]
+            preview[t] = codec.preview_counts(packed, (m, n), edges[0], edges[1])
+        self._frames[t] = headers
         self._counts[t] = record.counts
         self._null[t] = record.null_overlap
         self._times[t] = record.wall_time
         self._steps[t] = record.step
         self._count = t + 1
-        self._last_step = record.step
-        self._commit(status="running")
+        self._last_step = int(record.step)
+        self._commit()
+        # Only now is the snapshot the base of the next delta.
+        self.previous_packed = [np.asarray(p, dtype=np.uint8) for p in record.packed]
 
-    def _commit(self, *, status: str) -> None:
-        _write_json_atomic(
-            self.path / schema.COMMIT_FILE,
-            {
-                "snapshots": self._count,
-                "last_step": self._last_step,
-                "status": status,
-                "heartbeat": time.time(),
-            },
-        )
+    def note_gap(self, step: int) -> None:
+        """Record that the snapshot of ``step`` was not stored (the writer's queue was full).
+
+        Consecutive skipped snapshots merge into one entry ``[first_step, last_step, count]``;
+        the record is committed with the next commit (snapshot or heartbeat).
+        """
+        if self._gaps and (self._last_step is None or self._last_step < self._gaps[-1][1]):
+            first, _, count = self._gaps[-1]  # nothing stored since the last gap: extend it
+            self._gaps[-1] = [first, int(step), count + 1]
+            self._trailing_gap.append(int(step))
+        else:
+            self._gaps.append([int(step), int(step), 1])
+            self._trailing_gap = [int(step)]
+
+    def _unskip(self, step: int) -> None:
+        """A snapshot of a step recorded as skipped is stored after all (e.g. the last one, at close)."""
+        if not self._gaps or self._gaps[-1][1] != step:
+            return
+        first, _, count = self._gaps[-1]
+        if count == 1:
+            self._gaps.pop()
+        elif len(self._trailing_gap) >= 2 and self._trailing_gap[-1] == step:
+            self._trailing_gap.pop()
+            self._gaps[-1] = [first, self._trailing_gap[-1], count - 1]
+        self._trailing_gap = []
+
+    # -- commit -----------------------------------------------------------------------------
+    def _event(self, name: str, **fields: Any) -> None:
+        self._history.append({"event": name, "time": time.time(), "pid": os.getpid(), **fields})
+        if len(self._history) > _HISTORY_LIMIT:  # keep the first (created) and the latest events
+            self._history = self._history[:1] + self._history[-(_HISTORY_LIMIT - 1) :]
+
+    def _commit_payload(self) -> dict[str, Any]:
+        return {
+            "snapshots": self._count,
+            "last_step": self._last_step,
+            "status": self._status,
+            "heartbeat": time.time(),
+            "heartbeat_interval": self.heartbeat_interval,
+            "generation": self._generation,
+            "key_interval": self.key_interval,
+            "base_weights": self._base_weights,
+            "writer": {"pid": os.getpid(), "host": socket.gethostname()},
+            "gaps": self._gaps,
+            "history": self._history,
+        }
+
+    def _commit(self) -> None:
+        _write_json_atomic(self.path / schema.COMMIT_FILE, self._commit_payload())
+
+    def heartbeat(self) -> None:
+        """Rewrite the commit file with a fresh heartbeat (and any gaps noted since the last commit)."""
+        self._commit()
 
     @property
     def num_snapshots(self) -> int:
         return self._count
 
-    def mark(self, status: str) -> None:
-        """Record a run status (e.g. ``disabled``) without touching any array."""
-        self._commit(status=status)
+    @property
+    def last_step(self) -> int | None:
+        return self._last_step
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    def mark(self, status: str, **event: Any) -> None:
+        """Record a run status (e.g. ``disabled``, with a ``reason``) without touching any array."""
+        self._status = status
+        self._event(status, **event)
+        self._commit()
 
     def finalize(self, status: str = "finished") -> None:
-        """Trim over-allocated arrays to the committed length and mark the run ``status``."""
+        """Trim over-allocated arrays to the committed length, consolidate metadata, mark ``status``."""
         for array in self._growing:
-            array.resize((self._count, *array.shape[1:]))
+            if array.shape[0] != self._count:
+                array.resize((self._count, *array.shape[1:]))
         self._capacity = self._count
-        self._commit(status=status)
+        with warnings.catch_warnings():  # consolidated metadata is an extension that zarr warns about
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(self.path))
+        self._status = status
+        self._event(status, snapshots=self._count)
+        self._commit()
