@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_snapshot_cpu.py
+	$(PY) bench/bench_tui.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -43,8 +44,20 @@ def _clear_previous_demo(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
-def run_demo(*, run_dir: str = "runs/demo", steps: int = 40, every_n_steps: int = 5, seed: int = 0) -> int:
-    """Train, monitor, print the summary. Returns a process exit code."""
+def run_demo(*, run_dir: str = "runs/demo", steps: int = 40, every_n_steps: int = 5, seed: int = 0, tui: bool | None = None) -> int:
+    """Train, monitor, print the summary. Returns a process exit code.
+
+    With ``tui`` (default: when stdout is a terminal) training runs in a child
+    process while the TUI shows it; the summary is printed after the TUI closes.
+    """
+    if tui is None:
+        tui = sys.stdout.isatty() and sys.stdin.isatty()
+    if tui:
+        from compass_monitor.tui.live_demo import demo_with_tui
+
+        code = demo_with_tui(run_dir=run_dir, steps=steps, every_n_steps=every_n_steps, seed=seed)
+        if code is not None:
+            return code
     from .grpo import train_grpo
     from .policy import load_pretrained, model_path
 

@@ -197,7 +197,7 @@ class RunView:
             steps=np.concatenate([self.steps, steps]),
             times=np.concatenate([self.times, times]),
             counts=np.concatenate([self.counts, counts]),
-            null=None if self.null is None or null is None else np.concatenate([self.null, null]),
+            null=None if self.null is None else np.concatenate([self.null, null]),
             mask_sizes=self.mask_sizes,
             numel=self.numel,
         )

@@ -38,6 +38,8 @@ def follow_run(target: Any, key: str, path: Path, *, interval: float, cancelled:
             if update.view is not None or update.commit != last_commit:
                 last_commit = update.commit
                 target.post_message(RunChanged(key, source.view, source.run, update.commit, update.new_snapshots))
+            if source.complete() is not None:  # the precision nulls, after the first paint
+                target.post_message(RunChanged(key, source.view, source.run, source.commit, 0))
         except Exception as exc:  # reported in the UI, never raised into Textual
             failures += 1
             reason = describe_error(exc)

@@ -10,6 +10,7 @@ offers them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,17 @@ class RunSource:
         self._stamp = self._commit_stamp()
         self.run = open_run(self.path)
         self._created = self.run.attrs.get("run", {}).get("created")
-        self.view = RunView.load(self.run)
+        self.view = RunView.load(self.run, with_null=False)  # the heatmap first; see complete()
         self.commit = dict(self.run.commit)
         return Update(self.view, self.commit, self.view.num_snapshots, True)
+
+    def complete(self) -> RunView | None:
+        """Read what :meth:`load` left for later (the precision nulls); the new view, or None if nothing was missing."""
+        if self.view is None or self.view.null is not None:
+            return None
+        null = np.asarray(self.run.null_overlap)[: self.view.num_snapshots]
+        self.view = dataclasses.replace(self.view, null=null)
+        return self.view
 
     def poll(self) -> Update:
         """Look for new commits; read only what is new."""

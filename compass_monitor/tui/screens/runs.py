@@ -62,7 +62,7 @@ class RunsScreen(Screen):
     def scan_worker(self) -> None:
         worker = get_current_worker()
         while not worker.is_cancelled:
-            if self.app.screen is self or not self.statuses:
+            if self.app.screen is self:  # no reads while a run or comparison is shown
                 try:
                     now = self.app.clock()
                     statuses = [self._reader.status(p, now=now, stale_after=self.app.stale_after) for p in discover_runs(self.root)]
