@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - a core without resume
 
 def core_supports_resume() -> bool:
     """Whether the installed core can continue a run store (``CompassMonitor(..., resume=True)``)."""
-    return hasattr(CompassMonitor, "state_dict") and "resume" in inspect.signature(CompassMonitor).parameters
+    return hasattr(CompassMonitor, "state_dict") and "resume" in inspect.signature(CompassMonitor.__init__).parameters
 
 
 def monitor_state(monitor: CompassMonitor) -> dict[str, Any]:
