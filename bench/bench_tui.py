@@ -4,8 +4,9 @@
   masks for the first two matrices), the size of a multi-day run with a 7B-class
   model's attention and MLP matrices of a few layers, or all of a small model.
 * ``headless``: in this process, from ``CompassApp(...)`` to (a) the run screen's
-  first paint and (b) the heatmap showing the run's data (Textual's headless
-  driver, 120 x 40). RSS of this process after loading.
+  first paint, (b) the heatmap showing the latest snapshots (read first) and
+  (c) every snapshot and the precision nulls loaded (Textual's headless driver,
+  120 x 40).
 * ``terminal``: ``python -m compass_monitor.cli tui RUN`` started in tmux (a real
   terminal, 120 x 40): from process start to the heatmap's numbers on screen,
   polling ``tmux capture-pane`` every 20 ms; then the app process's RSS. Skipped
@@ -66,6 +67,7 @@ def machine() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "textual": textual.__version__,
         "numpy": numpy.__version__,
@@ -86,13 +88,16 @@ async def headless(run: Path) -> dict:
             if isinstance(screen, RunScreen):
                 if "frame" not in marks and screen.is_mounted:
                     marks["frame"] = time.perf_counter() - start
-                if screen.view is not None and screen.heatmap.num_cols:
+                if "data" not in marks and screen.view is not None and screen.heatmap.num_cols:
                     await pilot.pause()
                     marks["data"] = time.perf_counter() - start
+                if screen.view is not None and not screen.view.partial and screen.view.null is not None:
+                    await pilot.pause()
+                    marks["all"] = time.perf_counter() - start
                     break
             await asyncio.sleep(0.002)
         rss = psutil.Process().memory_info().rss
-    return {"first_paint_s": marks["frame"], "heatmap_with_data_s": marks["data"], "rss_mb": rss / 2**20}
+    return {"first_paint_s": marks["frame"], "heatmap_with_latest_data_s": marks["data"], "all_snapshots_loaded_s": marks["all"]}
 
 
 def terminal(run: Path) -> dict | None:
@@ -104,9 +109,11 @@ def terminal(run: Path) -> dict | None:
     start = time.perf_counter()
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "40", env_prefix + command], check=True)
     try:
-        shown = None
+        frame = shown = None
         while time.perf_counter() - start < 30:
             screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+            if frame is None and "quit" in screen:  # the footer: the app's first frame
+                frame = time.perf_counter() - start
             if "global sparsity" in screen:
                 shown = time.perf_counter() - start
                 break
@@ -123,7 +130,7 @@ def terminal(run: Path) -> dict | None:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     import_s = float(subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); import compass_monitor.cli; print(time.perf_counter() - t)"],
                                     capture_output=True, text=True, cwd=ROOT).stdout)
-    return {"process_start_to_data_on_screen_s": shown, "of_which_import_compass_monitor_s": import_s, "rss_mb": rss / 2**20, "quit_s": quit_s}
+    return {"process_start_to_first_frame_s": frame, "process_start_to_data_on_screen_s": shown, "of_which_import_compass_monitor_s": import_s, "rss_mb": rss / 2**20, "quit_s": quit_s}
 
 
 async def latency(run: Path, commits: int) -> dict:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -23,8 +28,9 @@ from compass_monitor.tui.data import (
     row_label,
     row_order,
     stale_threshold,
+    writer_gone,
 )
-from compass_monitor.tui.source import RunSource, StatusReader, density_grid
+from compass_monitor.tui.source import RunSource, StatusReader, density_grid, preview_grid
 from compass_monitor.tui.synthetic import SyntheticSpec, SyntheticWriter, write_synthetic_run
 from compass_monitor.tui.timeline import Timeline
 
@@ -108,6 +114,18 @@ def test_status_and_badges():
     assert stale_threshold(np.arange(10) * 600.0, 120.0) == 1800.0
 
 
+def test_a_dead_writer_process_means_crashed():
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    here = socket.gethostname()
+    dead = {"status": "running", "writer": {"host": here, "pid": int(done.stdout)}}
+    assert writer_gone(dead)
+    assert not writer_gone({**dead, "writer": {"host": here, "pid": os.getpid()}})
+    assert not writer_gone({**dead, "writer": {"host": "another-host", "pid": int(done.stdout)}})
+    assert not writer_gone({**dead, "status": "finished"})
+    assert live_status("running", 1000.0, now=1001.0, stale_after=60, writer_alive=False) == "crashed"
+    assert badge("crashed", following=True, heartbeat_age=42) == "CRASHED 42s"
+
+
 def test_timeline_follow_and_scrub():
     tl = Timeline()
     tl.grow(3)
@@ -155,7 +173,12 @@ def test_source_reads_only_new_snapshots_and_matches_a_fresh_load(tmp_path):
     assert update.view is None and update.commit["status"] == "finished"
     grid = density_grid(source.run, source.run.params[0], 2, 4, 4, mode="flips")
     flips = source.run.mask(0, 2) ^ source.run.mask(0, 1)
-    np.testing.assert_allclose(grid, block_density(flips, 4, 4))
+    np.testing.assert_allclose(grid.values, block_density(flips, 4, 4))
+    assert grid.block_of(15, "rows") == 0 and grid.block_of(16, "rows") == 1  # 64 rows in 4 blocks
+    preview = preview_grid(source.run, source.run.params[0], 2)
+    mask = source.run.mask(0, 2)
+    r, c = preview.row_edges, preview.col_edges
+    assert preview.values[1, 2] == pytest.approx(mask[r[1]:r[2], c[2]:c[3]].mean())
 
 
 def test_discovery_and_status_lines(tmp_path):
@@ -186,3 +209,22 @@ def test_align_by_step_and_jaccard(tmp_path):
     assert j == pytest.approx((x & y).sum() / (x | y).sum())
     p, q = x.mean(), y.mean()
     assert base == pytest.approx(p * q / (p + q - p * q))
+
+
+def test_first_paint_reads_the_latest_snapshots_then_the_rest(tmp_path, monkeypatch):
+    import compass_monitor.tui.source as source_module
+
+    monkeypatch.setattr(source_module, "FIRST_PAINT_SNAPSHOTS", 3)
+    path = write_synthetic_run(tmp_path / "run", snapshots=7, spec=SyntheticSpec(layers=1), seed=4)
+    source = RunSource(path)
+    first = source.load().view
+    full = RunView.load(open_run(path))
+    assert first.partial and first.null is None
+    assert np.isnan(first.density[:4]).all()
+    np.testing.assert_array_equal(first.density[4:], full.density[4:])
+    np.testing.assert_array_equal(first.steps, full.steps)
+    completed = source.complete()
+    assert not completed.partial
+    np.testing.assert_array_equal(completed.counts, full.counts)
+    np.testing.assert_array_equal(completed.null, full.null)
+    assert source.complete() is None

@@ -57,10 +57,8 @@ async def follow_scrub_filter_drill_compare(proc, run_dir: Path) -> None:
     async with app.run_test(size=(100, 30)) as pilot:
         assert await read_line(proc) == "ready 2"
         # The run list shows both runs; open the live one.
-        await wait_for(pilot, lambda: len(app.screen.statuses) == 2, what="the run list")
-        names = [s.name for s in app.screen.statuses]
-        assert names == ["live", "other"]
-        assert app.screen.statuses[0].status == "live"
+        await wait_for(pilot, lambda: [(s.name, s.status) for s in app.screen.statuses] == [("live", "live"), ("other", "finished")],
+                       what="the run list")
         await pilot.press("enter")
         screen = app.screen
         assert isinstance(screen, RunScreen)
@@ -140,7 +138,9 @@ async def follow_scrub_filter_drill_compare(proc, run_dir: Path) -> None:
         assert compare.query_one("#heat-diff").display and "A - B" in text_of(compare, "#compare-hint")
         await pilot.press("escape")
 
-        # The writer finishes: the badge says so.
-        send(proc, "close")
-        assert await read_line(proc) == "closed"
-        await wait_for(pilot, lambda: screen.status_word() == "FINISHED", timeout=5, what="FINISHED")
+        # The writer dies without closing the run: the badge says CRASHED (its process is gone).
+        proc.kill()
+        proc.wait(timeout=30)
+        await wait_for(pilot, lambda: screen.status_word().startswith("CRASHED"), timeout=5, what="CRASHED")
+        await pilot.pause(1.1)  # the header refreshes every second
+        assert "CRASHED" in text_of(screen, "#run-header")

@@ -44,7 +44,11 @@ def app_for(path: str, **kwargs) -> CompassApp:
 
 
 async def run_loaded(pilot) -> None:
-    await wait_for(pilot, lambda: getattr(pilot.app.screen, "view", None) is not None, what="the run")
+    def loaded() -> bool:
+        view = getattr(pilot.app.screen, "view", None)
+        return view is not None and view.null is not None  # the precision nulls come after the first paint
+
+    await wait_for(pilot, loaded, what="the run")
     await pilot.pause()
 
 
@@ -107,7 +111,8 @@ async def compare(pilot, diff: bool) -> None:
     await run_loaded(pilot)
     await pilot.press("c", "enter")  # pick runs/b, the first other run
     screen = pilot.app.screen
-    await wait_for(pilot, lambda: getattr(screen, "alignment", None) is not None and screen._jaccard, what="the comparison")
+    await wait_for(pilot, lambda: getattr(screen, "alignment", None) is not None and screen._jaccard
+                   and all(v.null is not None for v in screen.views.values()), what="the comparison")
     if diff:
         await pilot.press("d")
     await pilot.pause()

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..store import ParamInfo
-from ..store.schema import COMMIT_FILE, COUNT_FIELDS, REFERENCE_MASKS
+from ..store.schema import COMMIT_FILE, COUNT_FIELDS, COUNTS, REFERENCE_MASKS
 
 __all__ = [
     "TYPE_ORDER",
@@ -48,6 +50,7 @@ __all__ = [
     "row_label",
     "row_order",
     "stale_threshold",
+    "writer_gone",
 ]
 
 TYPE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "embedding", "lm_head", "norm", "bias")
@@ -75,6 +78,13 @@ def discover_runs(path: Path, *, depth: int = 2) -> list[Path]:
         else:
             found.extend(discover_runs(child, depth=depth - 1))
     return found
+
+
+def read_rows(path: Path, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a time-indexed store array, read directly (documented layout, plain zarr)."""
+    import zarr
+
+    return np.asarray(zarr.open_array(store=str(path), path=name, mode="r", zarr_format=3)[start:stop])
 
 
 def read_commit(path: Path) -> dict[str, Any]:
@@ -105,7 +115,7 @@ class RunStatus:
 
     path: Path
     name: str
-    status: str  # live, stale, finished, disabled, unknown, error
+    status: str  # live, stale, crashed, finished, disabled, unknown, error
     snapshots: int
     last_step: int | None
     heartbeat: float | None
@@ -116,9 +126,26 @@ class RunStatus:
         return None if self.heartbeat is None else max(0.0, now - self.heartbeat)
 
 
-def live_status(commit_status: str, heartbeat: float | None, now: float, stale_after: float) -> str:
-    """``live`` or ``stale`` for a running run (by heartbeat age), else the commit's status."""
+def writer_gone(commit: dict[str, Any]) -> bool:
+    """True if the commit names a writer process on this host that no longer exists (it crashed or was killed)."""
+    writer = commit.get("writer") or {}
+    if commit.get("status") != "running" or writer.get("host") != socket.gethostname() or not writer.get("pid"):
+        return False
+    try:
+        os.kill(int(writer["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError, ValueError):
+        return False
+    return False
+
+
+def live_status(commit_status: str, heartbeat: float | None, now: float, stale_after: float, *, writer_alive: bool = True) -> str:
+    """For a running run: ``crashed`` (its writer process is gone), ``stale`` (old heartbeat) or ``live``;
+    else the commit's status (``finished``, ``disabled``, ``unknown``)."""
     if commit_status == "running":
+        if not writer_alive:
+            return "crashed"
         if heartbeat is not None and now - heartbeat > stale_after:
             return "stale"
         return "live"
@@ -144,11 +171,11 @@ def format_age(seconds: float | None) -> str:
 
 
 def badge(status: str, *, following: bool, heartbeat_age: float | None = None, replay: str | None = None) -> str:
-    """The run screen's badge: LIVE, PAUSED, FINISHED, STALE (age), DISABLED or a replay state."""
+    """The run screen's badge: LIVE, PAUSED, FINISHED, STALE or CRASHED (with heartbeat age), DISABLED, or a replay state."""
     if replay is not None:
         return replay
-    if status == "stale":
-        return f"STALE {format_age(heartbeat_age)}"
+    if status in ("stale", "crashed"):
+        return f"{status.upper()} {format_age(heartbeat_age)}"
     if status == "live":
         return "LIVE" if following else "PAUSED"
     if status in ("finished", "disabled"):
@@ -167,6 +194,7 @@ class RunView:
         counts: (T, P, F) raw counts.
         null: (T, P, 3) precision-null overlaps, or None until loaded.
         mask_sizes: (P, 3) sizes of the principal / low / principal-not-low masks.
+        partial: True while only the latest snapshots' counts are read (the rest are NaN).
     """
 
     params: tuple[ParamInfo, ...]
@@ -176,18 +204,29 @@ class RunView:
     null: np.ndarray | None
     mask_sizes: np.ndarray
     numel: np.ndarray = field(repr=False)
+    partial: bool = False  # only the latest snapshots are read yet (earlier counts are NaN)
 
     @classmethod
-    def load(cls, run: Any, *, with_null: bool = True) -> "RunView":
+    def load(cls, run: Any, *, with_null: bool = True, tail: int | None = None) -> "RunView":
+        """Read a run's metrics; with ``tail``, only the last ``tail`` snapshots' counts (earlier rows NaN, ``partial``)."""
         numel = np.array([p.numel for p in run.params], dtype=np.float64)
+        steps = np.asarray(run.steps)
+        t = steps.shape[0]
+        partial = tail is not None and t > tail
+        if partial:
+            counts = np.full((t, len(run.params), len(COUNT_FIELDS)), np.nan)
+            counts[t - tail :] = read_rows(run.path, COUNTS, t - tail, t)
+        else:
+            counts = np.asarray(run.counts)
         return cls(
             params=tuple(run.params),
-            steps=np.asarray(run.steps),
+            steps=steps,
             times=np.asarray(run.times),
-            counts=np.asarray(run.counts),
-            null=np.asarray(run.null_overlap) if with_null else None,
+            counts=counts,
+            null=np.asarray(run.null_overlap) if with_null and not partial else None,
             mask_sizes=run.base_class_counts[:, 1:, :].sum(axis=2),
             numel=numel,
+            partial=partial,
         )
 
     def extended(self, *, steps: np.ndarray, times: np.ndarray, counts: np.ndarray, null: np.ndarray | None) -> "RunView":
@@ -200,6 +239,7 @@ class RunView:
             null=None if self.null is None else np.concatenate([self.null, null]),
             mask_sizes=self.mask_sizes,
             numel=self.numel,
+            partial=self.partial,
         )
 
     @property

@@ -31,6 +31,10 @@ def follow_run(target: Any, key: str, path: Path, *, interval: float, cancelled:
     failures = 0
     while not cancelled():
         try:
+            # The rest of a run that load() read only the latest part of: after one interval, so
+            # that the first paint does not wait for it (the UI thread needs the GIL to paint).
+            if loaded and source.complete() is not None:
+                target.post_message(RunChanged(key, source.view, source.run, source.commit, 0))
             update = source.poll() if loaded else source.load()
             loaded = True
             failures = 0
@@ -38,8 +42,6 @@ def follow_run(target: Any, key: str, path: Path, *, interval: float, cancelled:
             if update.view is not None or update.commit != last_commit:
                 last_commit = update.commit
                 target.post_message(RunChanged(key, source.view, source.run, update.commit, update.new_snapshots))
-            if source.complete() is not None:  # the precision nulls, after the first paint
-                target.post_message(RunChanged(key, source.view, source.run, source.commit, 0))
         except Exception as exc:  # reported in the UI, never raised into Textual
             failures += 1
             reason = describe_error(exc)

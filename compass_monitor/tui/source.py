@@ -3,9 +3,9 @@
 :meth:`RunSource.poll` costs one ``stat`` of the commit file while nothing
 changes. When the commit file changes it reads only the new snapshots' rows of
 the per-snapshot metrics, so following a run with thousands of snapshots stays
-cheap. Reading goes through ``open_run``; the two calls marked *reader switch*
-are where ``Run.refresh()`` and ``Run.preview()`` take over once the reader
-offers them.
+cheap: ``Run.refresh()`` re-reads the commit file and extends the reader's
+cached series by the new rows only. Density maps show the store's coarse
+preview first (no mask decoding), then the exact map from the mask.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ import numpy as np
 import zarr
 
 from ..store import ParamInfo, open_run
-from ..store.schema import COMMIT_FILE, COUNT_FIELDS, COUNTS, NULL_OVERLAP, STEPS, TIMES
-from .data import RunStatus, RunView, block_density, describe_error, live_status, read_commit
+from ..store.schema import COMMIT_FILE, COUNT_FIELDS, COUNTS
+from .data import RunStatus, RunView, block_density, describe_error, live_status, read_commit, writer_gone
 
-__all__ = ["RunSource", "StatusReader", "Update", "density_grid", "profiles_at", "spectral_series"]
+#: snapshots read before the first paint of a run (about the widest heatmap); the rest follows
+FIRST_PAINT_SNAPSHOTS = 256
+
+__all__ = ["Grid", "RunSource", "StatusReader", "Update", "density_grid", "preview_grid", "profiles_at", "spectral_series"]
 
 
 @dataclass(frozen=True)
@@ -67,57 +70,80 @@ class RunSource:
         self._stamp = self._commit_stamp()
         self.run = open_run(self.path)
         self._created = self.run.attrs.get("run", {}).get("created")
-        self.view = RunView.load(self.run, with_null=False)  # the heatmap first; see complete()
+        # The heatmap first: the latest snapshots' counts only; complete() reads the rest.
+        self.view = RunView.load(self.run, with_null=False, tail=FIRST_PAINT_SNAPSHOTS)
         self.commit = dict(self.run.commit)
         return Update(self.view, self.commit, self.view.num_snapshots, True)
 
     def complete(self) -> RunView | None:
-        """Read what :meth:`load` left for later (the precision nulls); the new view, or None if nothing was missing."""
+        """Read what :meth:`load` left for later (earlier snapshots, precision nulls); the new view, or None if nothing was missing."""
         if self.view is None or self.view.null is not None:
             return None
-        null = np.asarray(self.run.null_overlap)[: self.view.num_snapshots]
-        self.view = dataclasses.replace(self.view, null=null)
+        t = self.view.num_snapshots
+        counts = np.asarray(self.run.counts)[:t] if self.view.partial else self.view.counts
+        null = np.asarray(self.run.null_overlap)[:t]
+        self.view = dataclasses.replace(self.view, counts=counts, null=null, partial=False)
         return self.view
 
     def poll(self) -> Update:
-        """Look for new commits; read only what is new."""
+        """Look for new commits; the reader reads only the new snapshots' rows."""
         stamp = self._commit_stamp()
         if stamp == self._stamp and self.view is not None:
             return Update(None, self.commit, 0, False)
         if self.view is None:
             return self.load()
-        commit = read_commit(self.path)
-        old = self.view.num_snapshots
-        new = int(commit.get("snapshots", 0) or 0)
-        run = open_run(self.path)  # reader switch: self.run.refresh() once the reader has it
-        if new < old or run.attrs.get("run", {}).get("created") != self._created:
-            return self.load()  # the run was replaced (a new run in the same directory)
+        self.run.refresh()
+        old, new = self.view.num_snapshots, self.run.num_snapshots
+        if new < old or self.run.attrs.get("run", {}).get("created") != self._created:
+            return self.load()  # the run was replaced or truncated (a resume that dropped snapshots)
         view = self.view
         if new > old:
+            run = self.run
             view = view.extended(
-                steps=self._rows(STEPS, old, new),
-                times=self._rows(TIMES, old, new),
-                counts=self._rows(COUNTS, old, new),
-                null=self._rows(NULL_OVERLAP, old, new),
+                steps=np.asarray(run.steps)[old:new],
+                times=np.asarray(run.times)[old:new],
+                counts=np.asarray(run.counts)[old:new],
+                null=None if view.null is None else np.asarray(run.null_overlap)[old:new],
             )
         self._stamp = stamp
-        self.run, self.view, self.commit = run, view, commit
-        return Update(view if new > old else None, commit, new - old, False)
-
-    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        array = zarr.open_array(store=str(self.path), path=name, mode="r", zarr_format=3)
-        return np.asarray(array[start:stop])
+        self.view, self.commit = view, dict(self.run.commit)
+        return Update(view if new > old else None, self.commit, new - old, False)
 
 
-def density_grid(run: Any, info: ParamInfo, snapshot: int, rows: int, cols: int, *, mode: str = "base") -> np.ndarray:
+@dataclass(frozen=True)
+class Grid:
+    """Block densities of a mask with the block edges (row_edges (R+1,), col_edges (C+1,))."""
+
+    values: np.ndarray
+    row_edges: np.ndarray
+    col_edges: np.ndarray
+    exact: bool  # False for the store's coarse preview
+
+    def block_of(self, index: int, axis: str) -> int:
+        """The grid row (``axis="rows"``) or column holding matrix row/column ``index``."""
+        edges = self.row_edges if axis == "rows" else self.col_edges
+        return int(np.searchsorted(edges, index, side="right")) - 1
+
+
+def preview_grid(run: Any, info: ParamInfo, snapshot: int) -> Grid | None:
+    """The store's coarse block-density preview (at most 32 x 32 blocks, no mask decoding), if the reader has one."""
+    if not hasattr(run, "preview"):
+        return None
+    rows, cols = run.preview_edges(info)
+    return Grid(np.asarray(run.preview(info, snapshot), dtype=np.float64), rows, cols, exact=False)
+
+
+def density_grid(run: Any, info: ParamInfo, snapshot: int, rows: int, cols: int, *, mode: str = "base") -> Grid:
     """Block densities of the changed mask (``mode="base"``) or of its flips since the previous snapshot (``"flips"``)."""
-    mask = run.mask(info, snapshot)  # reader switch: run.preview(info, snapshot) for "base" once the reader has it
+    mask = run.mask(info, snapshot)
     if mode == "flips":
         previous = run.mask(info, snapshot - 1) if snapshot > 0 else np.zeros_like(mask)
         mask = mask ^ previous
     elif mode != "base":
         raise ValueError(f"unknown density-map mode {mode!r}; expected base or flips")
-    return block_density(mask, rows, cols)
+    m, n = info.shape
+    rows, cols = max(1, min(rows, m)), max(1, min(cols, n))
+    return Grid(block_density(mask, rows, cols), np.linspace(0, m, rows + 1).astype(np.int64), np.linspace(0, n, cols + 1).astype(np.int64), exact=True)
 
 
 def profiles_at(run: Any, info: ParamInfo, snapshots: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +186,8 @@ class StatusReader:
             cached = (stamp, self._read(path))
             self._cache[path] = cached
         base = cached[1]
-        if base.status in ("live", "stale"):
-            word = live_status("running", base.heartbeat, now, stale_after)
+        if base.status in ("live", "stale", "crashed"):
+            word = live_status("running", base.heartbeat, now, stale_after, writer_alive=not writer_gone(read_commit(path)))
             base = RunStatus(base.path, base.name, word, base.snapshots, base.last_step, base.heartbeat, base.sparsity)
         return base
 

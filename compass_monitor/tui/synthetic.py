@@ -8,9 +8,9 @@ valid schema-1 store. Two modes:
 * :func:`write_synthetic_run` writes every snapshot with ``RunWriter.append``
   (real masks, profiles and counts that agree with each other);
 * :func:`write_bulk_run` writes the per-snapshot metrics of a large run
-  (hundreds of matrices, a thousand snapshots) in bulk, and masks/profiles only
-  for the first ``detail_params`` matrices; it exists so that a benchmark can
-  build a 200 x 1000 run in seconds.
+  (hundreds of matrices, a thousand snapshots) in bulk, and masks (as packed
+  key frames), previews and profiles only for the first ``detail_params``
+  matrices; it exists so that a benchmark can build a 200 x 1000 run in seconds.
 
 Imports neither torch nor Textual.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from ..selection import ParamSpec
-from ..store import schema
+from ..store import codec, schema
 from ..store.writer import RunWriter, SnapshotRecord
 
 __all__ = ["SyntheticSpec", "synthetic_params", "write_synthetic_run", "write_bulk_run"]
@@ -234,10 +234,18 @@ def write_bulk_run(
         pid = schema.param_id(i)
         for prefix, width in ((schema.CHANGED_PREFIX, (p.numel + 7) // 8), (schema.ROWS_PREFIX, p.shape[0]), (schema.COLS_PREFIX, p.shape[1])):
             group[f"{prefix}/{pid}"].resize((snapshots, width))
+    for name in (schema.FRAMES, *(f"{schema.PREVIEW_PREFIX}/{schema.param_id(i)}" for i in range(len(params)))):
+        if name in group:  # schema 2: frame headers (zeros = packed key frames) and previews
+            array = group[name]
+            array.resize((snapshots, *array.shape[1:]))
     for i, model in enumerate(detail):
         pid = schema.param_id(i)
         masks = [model.mask(t, rng) for t in range(snapshots)]
-        group[f"{schema.CHANGED_PREFIX}/{pid}"][...] = np.stack([np.packbits(m.ravel()) for m in masks])
+        packed = np.stack([np.packbits(m.ravel()) for m in masks])
+        group[f"{schema.CHANGED_PREFIX}/{pid}"][...] = packed
+        if f"{schema.PREVIEW_PREFIX}/{pid}" in group:
+            edges = codec.preview_edges(*params[i].shape, schema.PREVIEW_MAX_BLOCKS)
+            group[f"{schema.PREVIEW_PREFIX}/{pid}"][...] = np.stack([codec.preview_counts(row, params[i].shape, *edges) for row in packed])
         group[f"{schema.ROWS_PREFIX}/{pid}"][...] = np.stack([m.sum(axis=1) for m in masks]).astype(np.int32)
         group[f"{schema.COLS_PREFIX}/{pid}"][...] = np.stack([m.sum(axis=0) for m in masks]).astype(np.int32)
     # Arrays are complete: commit them (the documented commit file, see docs/store-schema.md).

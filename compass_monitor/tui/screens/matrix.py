@@ -11,12 +11,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Static, TabbedContent, TabPane
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker, WorkerState, get_current_worker
 from textual_plotext import PlotextPlot
 
 from .. import palette
 from ..data import RunView, head_boundaries, head_dim_for, overlap_series, row_label
-from ..source import density_grid, profiles_at, spectral_series
+from ..source import density_grid, preview_grid, profiles_at, spectral_series
 from ..widgets.density_map import DensityMap
 from ..widgets.details import fmt
 
@@ -132,6 +132,10 @@ class MatrixScreen(Screen):
 
     @work(thread=True, exclusive=True, group="mask", exit_on_error=False, name="mask")
     def _mask_worker(self, run: Any, info: Any, t: int, mode: str, rows: int, cols: int) -> tuple:
+        if mode == "base":  # the store's coarse preview first: no mask decoding
+            preview = preview_grid(run, info, t)
+            if preview is not None and not get_current_worker().is_cancelled:
+                self.app.call_from_thread(self._show_mask, (info.index, t, mode, preview))
         return (info.index, t, mode, density_grid(run, info, t, rows, cols, mode=mode))
 
     def _show_mask(self, result: tuple) -> None:
@@ -141,23 +145,26 @@ class MatrixScreen(Screen):
         p = self.info
         head_dim = head_dim_for(self.owner.run.attrs, self.app.head_dim)
         m, n = p.shape
-        rows, cols = grid.shape
-        row_heads = {int(b * rows / m) for b in head_boundaries(p, head_dim, "rows")}
-        col_heads = {int(b * cols / n) for b in head_boundaries(p, head_dim, "cols")}
-        hi = 1.0 if mode == "base" else max(0.05, float(np.nanmax(grid)) if grid.size else 1.0)
-        self.query_one("#density", DensityMap).show(grid, row_heads=row_heads, col_heads=col_heads, lo=0.0, hi=hi)
+        values = grid.values
+        rows, cols = values.shape
+        row_heads = {grid.block_of(b, "rows") for b in head_boundaries(p, head_dim, "rows")}
+        col_heads = {grid.block_of(b, "cols") for b in head_boundaries(p, head_dim, "cols")}
+        hi = 1.0 if mode == "base" else max(0.05, float(np.nanmax(values)) if values.size else 1.0)
+        self.query_one("#density", DensityMap).show(values, row_heads=row_heads, col_heads=col_heads, lo=0.0, hi=hi)
         legend = Text()
         what = "changed vs base (M)" if mode == "base" else "flips vs previous snapshot (M_t xor M_t-1)"
         legend.append(f" {what}, block density ", style="bold")
         for segment, style in palette.legend(0.0, hi, fmt="{:.2g}"):
             legend.append(segment, style=style)
-        blocks = f"  {m / rows:.0f}x{n / cols:.0f} weights per half-cell"
-        legend.append(blocks)
+        legend.append(f"  {m / rows:.0f}x{n / cols:.0f} weights per half-cell")
+        if not grid.exact:
+            legend.append("  (preview, refining...)", style="yellow")
         if row_heads or col_heads:
             legend.append(f"  ╶ ╷ heads of {head_dim}", style="grey70")
         legend.append("  x: toggle", style="grey70")
         self.query_one("#mask-legend", Static).update(legend)
-        self.shown.add("mask")
+        if grid.exact:
+            self.shown.add("mask")
 
     # -- profiles ---------------------------------------------------------------------------
     def load_profiles(self) -> None:

@@ -15,7 +15,7 @@ from textual.widgets import Footer, Static
 from textual.worker import get_current_worker
 
 from .. import palette
-from ..data import SORTS, MatrixFilter, RunView, badge, discover_runs, row_label, row_order, stale_threshold, live_status
+from ..data import SORTS, MatrixFilter, RunView, badge, discover_runs, row_label, row_order, stale_threshold, live_status, writer_gone
 from ..follow import follow_run
 from ..messages import RunChanged, RunFailed
 from ..timeline import Timeline
@@ -26,7 +26,7 @@ __all__ = ["RunScreen"]
 
 METRICS = ("density", "flips", "principal")
 _METRIC_TITLES = {"density": "changed |M|/n", "flips": "flips vs previous /n", "principal": "overlap with M_princ"}
-_BADGE_STYLES = {"LIVE": "black on green", "PAUSED": "black on yellow", "FINISHED": "white on blue", "STALE": "white on red",
+_BADGE_STYLES = {"LIVE": "black on green", "PAUSED": "black on yellow", "FINISHED": "white on blue", "STALE": "white on red", "CRASHED": "white on red",
                  "DISABLED": "white on magenta", "REPLAY": "black on cyan", "ERROR": "white on red", "WAITING": "black on grey70"}
 
 
@@ -164,7 +164,8 @@ class RunScreen(Screen):
         if self.view is None:
             return "WAITING"
         stale_after = stale_threshold(self.view.times, self.app.stale_after)
-        status = live_status(str(self.commit.get("status", "unknown")), self.commit.get("heartbeat"), now, stale_after)
+        status = live_status(str(self.commit.get("status", "unknown")), self.commit.get("heartbeat"), now, stale_after,
+                             writer_alive=not writer_gone(self.commit))
         if self.replay:
             if self.playing:
                 return f"REPLAY ▶ {self.speed:g}/s"
@@ -194,6 +195,11 @@ class RunScreen(Screen):
             hint.append(f"  {len(self.order)}/{len(self.view.params)} matrices")
         if self.filter.active:
             hint.append(f"  filter '{self.filter.text}'", style="yellow")
+        if self.view is not None and self.view.partial:
+            hint.append("  reading earlier snapshots...", style="yellow")
+        gaps = sum(int(g[2]) for g in self.commit.get("gaps", []) if len(g) > 2)
+        if gaps:
+            hint.append(f"  {gaps} snapshots not stored (writer queue full)", style="yellow")
         if self.error and self.view is not None:
             hint.append(f"  read error: {self.error}", style="red")
         self.query_one("#run-hint", Static).update(hint)

@@ -19,7 +19,7 @@ from ..source import StatusReader
 
 __all__ = ["RunsScreen"]
 
-_STATUS_STYLES = {"live": "bold green", "stale": "bold red", "finished": "blue", "disabled": "magenta", "error": "red", "unknown": "grey62"}
+_STATUS_STYLES = {"live": "bold green", "stale": "bold red", "crashed": "bold red", "finished": "blue", "disabled": "magenta", "error": "red", "unknown": "grey62"}
 
 
 class RunsScreen(Screen):
@@ -85,7 +85,7 @@ class RunsScreen(Screen):
             table.add_row(
                 name,
                 Text(s.status if s.status != "error" else "error", style=_STATUS_STYLES.get(s.status, "")),
-                format_age(age) if s.status in ("live", "stale") else "-",
+                format_age(age) if s.status in ("live", "stale", "crashed") else "-",
                 str(s.snapshots),
                 "-" if s.last_step is None else str(s.last_step),
                 "-" if s.sparsity != s.sparsity else f"{s.sparsity:.3f}",
