@@ -45,6 +45,11 @@ class MonitorConfig:
             frames. Larger is smaller on disk, slower to seek.
         store_base: store W0's bf16 codes (2 bytes per weight before
             compression) in the run, which ``resume=True`` needs.
+        base_device: where the monitor keeps W0 (2 bytes per monitored local
+            weight) and the packed masks (half a bit per weight): ``"param"``
+            (each parameter's device: no host transfer per snapshot) or
+            ``"cpu"`` (host memory: saves accelerator memory, costs a 2-byte
+            device-to-host copy of the current bf16 weights per snapshot).
     """
 
     every_n_steps: int = 10
@@ -62,6 +67,7 @@ class MonitorConfig:
     when_queue_full: str = "block"
     key_interval: int = 32
     store_base: bool = True
+    base_device: str = "param"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +85,8 @@ class MonitorConfig:
             raise ConfigError(f"when_queue_full must be 'block' or 'skip', got {self.when_queue_full!r}")
         if not isinstance(self.key_interval, int) or isinstance(self.key_interval, bool) or self.key_interval < 1:
             raise ConfigError(f"key_interval must be an integer >= 1, got {self.key_interval!r}")
+        if self.base_device not in ("param", "cpu"):
+            raise ConfigError(f"base_device must be 'param' or 'cpu', got {self.base_device!r}")
         if self.name_pattern is not None:
             try:
                 re.compile(self.name_pattern)

@@ -20,7 +20,8 @@ import torch
 from .bf16 import bf16_bits, canonical_bits, changed_from_bits, ABS_MASK, INF_BITS
 from .bitpack import pack_bits, popcount
 from .precision_null import class_counts, spacing_class
-from .reference_masks import low_magnitude_mask, principal_mask
+from .principal import principal_mask
+from .reference_masks import low_magnitude_mask
 from .selection import ParamSpec
 
 __all__ = ["MatrixBase", "Measurement", "capture_base", "measure", "base_fingerprint", "as_matrix", "ShapeChangedError"]
@@ -121,10 +122,10 @@ def measure(state: MatrixBase, weight: torch.Tensor, *, backend: str = "auto") -
     rows[i] = sum_j M_ij (rho_i = rows[i] / n); cols[j] = sum_i M_ij (kappa_j = cols[j] / m).
 
     Args:
-        backend: ``auto`` (numpy for CPU tensors, torch otherwise), ``numpy`` or ``torch``.
+        backend: ``auto`` (numpy when the base is in CPU memory, torch otherwise), ``numpy`` or ``torch``.
     """
     if backend == "auto":
-        backend = "numpy" if weight.device.type == "cpu" else "torch"
+        backend = "numpy" if state.base_bits.device.type == "cpu" else "torch"
     match backend:
         case "numpy":
             return _measure_numpy(state, weight)
@@ -135,8 +136,8 @@ def measure(state: MatrixBase, weight: torch.Tensor, *, backend: str = "auto") -
 
 
 def _measure_numpy(state: MatrixBase, weight: torch.Tensor) -> Measurement:
-    current = bf16_bits(as_matrix(weight, state.spec)).numpy()
-    base = state.base_bits.numpy()
+    current = bf16_bits(as_matrix(weight, state.spec)).cpu().numpy()  # a no-op for CPU weights
+    base = state.base_bits.cpu().numpy()
     # base is canonical (never -0): a -0 in current differs bitwise from a +0
     # base, and the magnitude test below calls that pair equal.
     changed = (current != base) & (((current | base) & ABS_MASK) != 0)
@@ -144,8 +145,8 @@ def _measure_numpy(state: MatrixBase, weight: torch.Tensor) -> Measurement:
     if nonfinite:  # rare: NaN is always changed, whatever the base held
         changed |= (current & ABS_MASK) > INF_BITS
     packed = np.packbits(changed)
-    ref = state.reference_packed.numpy()
-    previous = state.previous_packed.numpy()
+    ref = state.reference_packed.cpu().numpy()
+    previous = state.previous_packed.cpu().numpy()
     counts = np.array(
         [
             _popcount_np(packed),
@@ -172,7 +173,7 @@ def _popcount_np(packed: np.ndarray) -> int:
 
 
 def _measure_torch(state: MatrixBase, weight: torch.Tensor) -> Measurement:
-    current = bf16_bits(as_matrix(weight, state.spec))
+    current = bf16_bits(as_matrix(weight, state.spec)).to(state.base_bits.device)
     changed = changed_from_bits(current, state.base_bits)
     packed = pack_bits(changed)
     ref = state.reference_packed

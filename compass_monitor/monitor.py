@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 METHODS = {
     "changed": "bitwise bf16 inequality, +0 == -0, NaN always changed (paper Def. 2.1, App. D.2)",
-    "principal_mask": "top-alpha of |rank-k reconstruction of W0| (torch.linalg.svd, float32), exact count floor(alpha*n), ties by lowest flat index",
+    "principal_mask": "top-alpha of |rank-k reconstruction of W0|: top-k eigenvectors (float64 eigh) of the exact fixed-point Gram matrix of the smaller side, projection in float64 chunks of 256 global rows, rounded to float32; identical bits on any number of ranks (compass_monitor.principal); exact count floor(alpha*n), ties by lowest flat index",
     "low_mask": "bottom-alpha of |W0|, exact count floor(alpha*n), ties by lowest flat index",
     "precision_null": "i.i.d. Gaussian noise sized to flip |M| weights in expectation, closed form over 512 bf16 spacing classes",
 }
@@ -101,6 +101,18 @@ class CompassMonitor:
         ResumeError: (``resume=True``) the store cannot be continued with this
             model or configuration; the message names what differs.
     """
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> "CompassMonitor":
+        # A model whose parameters are sharded across processes (FSDP1, FSDP2 /
+        # DTensor) gets the sharded monitor: same API and store, one instance per rank.
+        if cls is CompassMonitor and model is not None:
+            from .sharding import sharding_kind
+
+            if sharding_kind(model) != "plain":
+                from .sharded_monitor import ShardedMonitor
+
+                return super().__new__(ShardedMonitor)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -242,6 +254,12 @@ class CompassMonitor:
             state, class_count, fingerprint, bad = capture_base(
                 spec, param, rank=self.config.principal_rank, alpha=self.config.alpha
             )
+            if self.config.base_device == "cpu":  # W0 and the packed masks in host memory
+                state.base_bits, state.reference_packed, state.previous_packed = (
+                    state.base_bits.cpu(),
+                    state.reference_packed.cpu(),
+                    state.previous_packed.cpu(),
+                )
             states.append(state)
             counts.append(class_count)
             fingerprints.append(fingerprint)

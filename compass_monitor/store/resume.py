@@ -157,7 +157,7 @@ def plan_resume(
                     "was modified)",
                 )
             reference = torch.from_numpy(np.stack([np.packbits(run.reference_mask(i, w).ravel()) for w in schema.REFERENCE_MASKS]))
-            device = param.device
+            device = torch.device("cpu") if getattr(config, "base_device", "param") == "cpu" else param.device
             states.append(
                 MatrixBase(
                     spec=spec,

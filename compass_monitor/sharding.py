@@ -1,0 +1,370 @@
+"""The shard contract, and discovery of each rank's local shards.
+
+The core takes, per monitored parameter, a :class:`LocalShard`: the global
+matrix (its :class:`~compass_monitor.selection.ParamSpec`, shape (m, n); 1-D
+parameters are 1 x n), the local elements as a *contiguous range of global
+row-major flat indices* ``[start, start + numel)``, whether this rank
+contributes them (with replicated copies only one does), and a function that
+returns the current local values as a 1-D tensor in that order. Every layout
+the monitor supports is such a range:
+
+* a whole parameter (a plain module, or a parameter FSDP does not manage):
+  ``[0, m n)``; contributed by rank 0 only (every rank holds a replica);
+* FSDP2 ``fully_shard`` / DTensor ``Shard(0)``: the row block
+  ``[r0 n, (r0 + k) n)`` from ``compute_local_shape_and_global_offset``
+  (``torch.chunk`` rows: trailing ranks may hold fewer or no rows). Mesh
+  dimensions that ``Replicate`` (HSDP) contribute on coordinate 0 only;
+* FSDP1 (``FullyShardedDataParallel``, ``use_orig_params`` True or False): the
+  flat parameter's shard metadata (``_shard_param_infos``) gives each original
+  parameter's part of the local shard as ``[intra_param_start_idx,
+  intra_param_end_idx]`` of its flattened tensor, which may start and end
+  mid-row. ``HYBRID_SHARD`` contributes on the first replica only;
+  ``NO_SHARD`` is a whole replica on every rank (rank 0 contributes).
+
+Refused, naming the parameter and its layout: ``Shard(d)`` for d != 0 (tensor
+parallel column shards), ``_StridedShard`` (FSDP2 on top of tensor parallel),
+``Partial``, a device mesh that does not span the monitor's process group, and
+DeepSpeed ZeRO-3 partitioned parameters.
+
+Discovery imports ``torch.distributed`` lazily and only when a model uses it.
+It never imports a training framework.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MonitorConfig
+from .selection import ParamSpec, SelectionError, _role_enabled, _role_of, layer_index_of, module_type_of, select_parameters
+
+__all__ = [
+    "LocalShard",
+    "ShardLayout",
+    "ShardingError",
+    "discover_shards",
+    "whole_shards",
+    "sharding_kind",
+]
+
+
+class ShardingError(NotImplementedError):
+    """A parameter is sharded in a way the monitor does not support (the message names it)."""
+
+
+@dataclass(frozen=True)
+class LocalShard:
+    """One rank's part of one monitored parameter (the core's whole view of sharding).
+
+    Attributes:
+        spec: the global parameter (name, role, shape (m, n)).
+        start: global row-major flat index of the first local element.
+        numel: number of local elements (0: this rank holds none).
+        contributes: whether this rank's elements count (False on replicas
+            that another rank already contributes).
+        layout: how the parameter is sharded, in words (for messages).
+        values: returns the current local values, a 1-D tensor of ``numel``
+            elements in global flat order (a view; never a gathered copy).
+    """
+
+    spec: ParamSpec
+    start: int
+    numel: int
+    contributes: bool
+    layout: str
+    values: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.numel
+
+    @property
+    def global_offset(self) -> tuple[int, int]:
+        """(row, column) of the first local element in the global matrix."""
+        n = max(self.spec.shape[1], 1)
+        return divmod(self.start, n)
+
+    @property
+    def is_whole(self) -> bool:
+        return self.start == 0 and self.numel == self.spec.numel
+
+    @property
+    def counted(self) -> int:
+        """Elements this rank contributes (0 on a non-contributing replica)."""
+        return self.numel if self.contributes else 0
+
+    def local(self) -> torch.Tensor:
+        """The current local values (1-D), checked against the contract."""
+        t = self.values()
+        if t.numel() != self.numel:
+            raise ShardingError(
+                f"parameter {self.spec.name!r} ({self.layout}) now holds {t.numel()} local elements, "
+                f"it held {self.numel} when the base was taken; a resharded or resized parameter cannot be "
+                "compared with its base. Start a new run store."
+            )
+        return t.detach().reshape(-1)
+
+
+@dataclass
+class ShardLayout:
+    """Every monitored parameter's local shard on this rank, and the process group they span."""
+
+    shards: list[LocalShard]
+    kind: str  # "plain", "fsdp2", "fsdp1", "dtensor"
+    group: Any = None  # torch.distributed ProcessGroup, None for the default group
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def specs(self) -> list[ParamSpec]:
+        return [s.spec for s in self.shards]
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the monitor must run collectives (some parameter is split across ranks)."""
+        return self.kind != "plain"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _whole(spec: ParamSpec, param: torch.Tensor, *, contributes: bool = True, layout: str = "whole") -> LocalShard:
+    def values(p=param) -> torch.Tensor:
+        return p.detach().reshape(-1)
+
+    return LocalShard(spec=spec, start=0, numel=spec.numel, contributes=contributes, layout=layout, values=values)
+
+
+def whole_shards(model: nn.Module, config: MonitorConfig) -> list[LocalShard]:
+    """Every selected parameter as a whole, contributed shard (a single process holds the model)."""
+    return [_whole(spec, param) for spec, param in select_parameters(model, config)]
+
+
+def sharding_kind(model: nn.Module) -> str:
+    """``fsdp1`` (FullyShardedDataParallel), ``dtensor`` (FSDP2 or other DTensor parameters) or ``plain``.
+
+    Raises:
+        ShardingError: DeepSpeed ZeRO-3 partitioned parameters.
+    """
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id") or hasattr(param, "ds_tensor"):
+            raise ShardingError(
+                f"parameter {name!r} is a DeepSpeed ZeRO-3 partitioned parameter; compass-monitor reads FSDP1, "
+                "FSDP2/DTensor Shard(0) and unsharded parameters only"
+            )
+    try:
+        dist = _dist()
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return "plain"
+    if not dist.is_available():
+        return "plain"
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return "fsdp1"
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return "dtensor"
+    return "plain"
+
+
+def discover_shards(model: nn.Module, config: MonitorConfig, *, group: Any = None) -> ShardLayout:
+    """The local shards of the parameters ``config`` selects, in the order a single process selects them.
+
+    Names, roles, module types and shapes are those of the unsharded model
+    (FSDP1 wrapper prefixes removed), so the run store of a sharded run is laid
+    out exactly like that of a single-process run.
+
+    Raises:
+        ShardingError: an unsupported layout (the message names the parameter).
+        SelectionError: nothing matches the configuration.
+    """
+    kind = sharding_kind(model)
+    if kind == "plain":
+        return ShardLayout(shards=whole_shards(model, config), kind="plain")
+    dist = _dist()
+    if not dist.is_initialized():
+        raise ShardingError(f"the model holds {kind} parameters but torch.distributed is not initialized")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if kind == "fsdp1":
+        shards = _fsdp1_shards(model, config, rank=rank)
+    else:
+        shards = _dtensor_shards(model, config, rank=rank, world=world)
+    fsdp2 = False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp2 = any(isinstance(m, FSDPModule) for m in model.modules())
+    except ImportError:  # pragma: no cover
+        pass
+    return ShardLayout(shards=shards, kind="fsdp2" if fsdp2 and kind == "dtensor" else kind, group=group, rank=rank, world_size=world)
+
+
+# ----------------------------------------------------------------------------- DTensor / FSDP2
+
+
+def _dtensor_shards(model: nn.Module, config: MonitorConfig, *, rank: int, world: int) -> list[LocalShard]:
+    from torch.distributed.tensor import DTensor
+
+    shards = []
+    for spec, param in select_parameters(model, config):
+        if isinstance(param, DTensor):
+            shards.append(_dtensor_shard(spec, param, world=world))
+        else:
+            # Not managed by FSDP2: every rank holds the same copy; rank 0 contributes it.
+            shards.append(_whole(spec, param, contributes=rank == 0, layout="replicated (not sharded)"))
+    return shards
+
+
+def _dtensor_shard(spec: ParamSpec, param: Any, *, world: int) -> LocalShard:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    layout = f"DTensor placements {placements} on mesh {tuple(mesh.shape)}"
+    refuse = (
+        f"compass-monitor cannot read parameter {spec.name!r}: {layout}. Supported: Shard(0) "
+        "(FSDP2 fully_shard, trailing ranks may hold fewer or no rows) and Replicate mesh dimensions (HSDP)"
+    )
+    for placement in placements:
+        if type(placement) is Shard and placement.dim == 0:
+            continue
+        if isinstance(placement, Replicate):
+            continue
+        what = type(placement).__name__
+        if isinstance(placement, Shard) and type(placement) is not Shard:
+            raise ShardingError(f"{refuse}; {what} (strided shards, e.g. FSDP2 over tensor parallel) is not supported")
+        if isinstance(placement, Shard):
+            raise ShardingError(f"{refuse}; Shard({placement.dim}) splits columns (tensor parallel), which is not supported")
+        raise ShardingError(f"{refuse}; {what} is not supported")
+    if mesh.size() != world:
+        raise ShardingError(f"{refuse}; its mesh spans {mesh.size()} ranks but the monitor's process group has {world}")
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        raise ShardingError(f"{refuse}; this rank is not in its device mesh")
+    contributes = all(c == 0 for c, p in zip(coordinate, placements) if isinstance(p, Replicate))
+    local_shape, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+    if param.dim() == 2:
+        m, n = spec.shape
+        if tuple(local_shape[1:]) != (n,) or offset[1] != 0:
+            raise ShardingError(f"{refuse}; local block {tuple(local_shape)} at {tuple(offset)} is not a block of whole rows")
+        start, numel = int(offset[0]) * n, int(local_shape[0]) * n
+    else:
+        start, numel = int(offset[0]), int(local_shape[0])
+    if numel == 0:
+        start = 0
+
+    def values(p=param) -> torch.Tensor:
+        return p.to_local().detach().reshape(-1)
+
+    return LocalShard(spec=spec, start=start, numel=numel, contributes=contributes, layout=layout, values=values)
+
+
+# ----------------------------------------------------------------------------- FSDP1
+
+
+def _clean(name: str) -> str:
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+    return clean_tensor_name(name)
+
+
+def _fsdp1_shards(model: nn.Module, config: MonitorConfig, *, rank: int) -> list[LocalShard]:
+    """Original parameters of FSDP1 flat parameters, in single-process selection order."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    dist = _dist()
+    # id(original module) -> [(param name, flat parameter, index in it, FSDP module)], in flat order
+    managed: dict[int, list[tuple[str, Any, int, Any]]] = {}
+    for fsdp in model.modules():
+        if not isinstance(fsdp, FullyShardedDataParallel) or fsdp._handle is None:
+            continue
+        flat = fsdp._handle.flat_param
+        for i, info in enumerate(flat._param_infos):
+            managed.setdefault(id(info.module), []).append((info.param_name, flat, i, fsdp))
+
+    pattern = re.compile(config.name_pattern) if config.name_pattern else None
+    seen: set[int] = set()
+    roles_found: dict[str, int] = {}
+    shards: list[LocalShard] = []
+    for raw_module_name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel):
+            continue
+        module_name = _clean(raw_module_name)
+        flat_entries = managed.get(id(module), [])
+        flat_names = {entry[0] for entry in flat_entries}
+        entries: list[tuple[str, torch.Size, torch.dtype, Any]] = []
+        for param_name, param in module.named_parameters(recurse=False):
+            if type(param).__name__ == "FlatParameter" or getattr(param, "_is_flat_param", False):
+                continue
+            if param_name in flat_names or id(param) in seen:
+                continue  # a use_orig_params view: taken from its flat parameter below
+            seen.add(id(param))
+            entries.append((param_name, param.shape, param.dtype, ("plain", param)))
+        for param_name, flat, i, fsdp in flat_entries:
+            entries.append((param_name, flat._shapes[i], flat.dtype, ("flat", flat, i, fsdp)))
+        for param_name, shape, dtype, source in entries:
+            probe = torch.empty(shape, device="meta", dtype=dtype)
+            role = _role_of(module, module_name, param_name, probe)
+            if role is None:
+                continue
+            roles_found[role] = roles_found.get(role, 0) + 1
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            if not _role_enabled(role, config) or (pattern and not pattern.search(full_name)) or not dtype.is_floating_point:
+                continue
+            mat = tuple(shape) if len(shape) == 2 else (1, int(probe.numel()))
+            spec = ParamSpec(
+                name=full_name,
+                role=role,
+                module_type=module_type_of(module_name) if role == "linear" else role,
+                layer=layer_index_of(full_name),
+                shape=(int(mat[0]), int(mat[1])),
+            )
+            if source[0] == "plain":
+                shards.append(_whole(spec, source[1], contributes=rank == 0, layout="replicated (not managed by FSDP)"))
+            else:
+                _, flat, i, fsdp = source
+                shards.append(_flat_shard(spec, flat, i, fsdp, dist=dist, strategy_enum=ShardingStrategy, rank=rank))
+    if not shards:
+        found = ", ".join(f"{count} {role}" for role, count in sorted(roles_found.items())) or "no floating-point weights"
+        raise SelectionError(
+            f"no parameter of {type(model).__name__} matches the monitor configuration "
+            f"(model has: {found}; name_pattern={config.name_pattern!r})."
+        )
+    return shards
+
+
+def _flat_shard(spec: ParamSpec, flat: Any, index: int, fsdp: Any, *, dist: Any, strategy_enum: Any, rank: int) -> LocalShard:
+    strategy = fsdp.sharding_strategy
+    layout = f"FSDP1 {strategy.name} flat parameter ({'use_orig_params' if fsdp._use_orig_params else 'FlatParameter'})"
+    info = flat._shard_param_infos[index]
+    if strategy == strategy_enum.NO_SHARD:
+        contributes = rank == 0
+    elif strategy in (strategy_enum.HYBRID_SHARD, strategy_enum._HYBRID_SHARD_ZERO2):
+        contributes = dist.get_rank(fsdp._inter_node_pg) == 0
+    else:
+        contributes = True
+    if not info.in_shard:
+        start, numel, offset = 0, 0, 0
+    else:
+        start, numel, offset = int(info.intra_param_start_idx), int(info.numel_in_shard), int(info.offset_in_shard)
+        if info.intra_param_end_idx - info.intra_param_start_idx + 1 != numel:
+            raise ShardingError(f"parameter {spec.name!r}: inconsistent FSDP1 shard metadata {info}")
+
+    def values(flat=flat, offset=offset, numel=numel) -> torch.Tensor:
+        # The sharded flat parameter (FSDP keeps it in _local_shard once initialised;
+        # before the first forward the parameter's data is the local shard itself).
+        local = getattr(flat, "_local_shard", None)
+        if local is None or local.numel() == 0 and flat.numel() > 0:
+            local = flat
+        return local.detach().reshape(-1)[offset : offset + numel]
+
+    return LocalShard(spec=spec, start=start, numel=numel, contributes=contributes, layout=layout, values=values)
