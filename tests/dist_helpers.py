@@ -341,3 +341,60 @@ class ThreadHub:
         if first is not None:
             raise first
         return results
+
+
+# ----------------------------------------------------------------------------- counting collectives
+
+_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "broadcast_object_list",
+    "gather", "gather_object", "scatter", "scatter_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+    "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+)
+
+
+class CollectiveCounter:
+    """Wraps every torch.distributed collective (in ``torch.distributed`` and ``distributed_c10d``)
+    and records ``(name, dtype, bytes this rank sends)`` while :attr:`active`."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.calls: list[tuple[str, str, int]] = []
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _record(self, name: str, args: tuple, kwargs: dict) -> None:
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        lists = [a for a in list(args) + list(kwargs.values()) if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+        if name in ("scatter",):
+            sent = lists[0] if lists else []
+            nbytes = sum(t.numel() * t.element_size() for t in sent)
+            dtype = str(sent[0].dtype) if sent else str(tensors[0].dtype)
+        elif tensors:
+            # the input tensor: first positional for most; all_to_all_single(output, input, ...) sends the second
+            t = tensors[1] if name == "all_to_all_single" and len(tensors) > 1 else tensors[0]
+            nbytes, dtype = t.numel() * t.element_size(), str(t.dtype)
+        else:
+            nbytes, dtype = 0, "object"
+        self.calls.append((name, dtype.replace("torch.", ""), nbytes))
+
+    def __enter__(self) -> "CollectiveCounter":
+        from torch.distributed import distributed_c10d
+
+        for module in (dist, distributed_c10d):
+            for name in _COLLECTIVES:
+                original = getattr(module, name, None)
+                if original is None:
+                    continue
+
+                def wrapper(*args, __name=name, __original=original, **kwargs):
+                    if self.active:
+                        self._record(__name, args, kwargs)
+                    return __original(*args, **kwargs)
+
+                self._saved.append((module, name, original))
+                setattr(module, name, wrapper)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, name, original in reversed(self._saved):
+            setattr(module, name, original)
+        self._saved.clear()
