@@ -145,3 +145,39 @@ def test_help_lists_every_key_of_every_screen(tmp_path):
         assert not isinstance(pilot.app.screen, HelpScreen)
 
     run_app(CompassApp(run), body)
+
+
+def test_spectral_tab_shows_series_when_the_run_has_them(tmp_path, monkeypatch):
+    """Contract for the spectral metrics: ``Run.spectral(param) -> {name: (steps, values)}``; absent -> a note."""
+    import numpy as np
+
+    from compass_monitor.store import Run
+
+    run = write_synthetic_run(tmp_path / "run", snapshots=4)
+
+    async def open_spectral(pilot):
+        await wait_for(pilot, lambda: pilot.app.screen.view is not None, what="the run")
+        await pilot.press("enter", "4")
+        matrix = pilot.app.screen
+        await wait_for(pilot, lambda: "spectral" in matrix.shown, what="the spectral tab")
+        return matrix
+
+    async def without(pilot):
+        matrix = await open_spectral(pilot)
+        assert "no spectral metrics" in text_of(matrix, "#spectral-note")
+
+    run_app(CompassApp(run), without)
+
+    def spectral(self, info):
+        steps = np.array([10, 20, 30, 40])
+        return {"nss": (steps, np.array([0.0, 1e-5, 2e-5, 3e-5])), "max_angle_left_deg": (steps, np.array([0.0, 0.1, 0.2, 0.3]))}
+
+    monkeypatch.setattr(Run, "spectral", spectral, raising=False)
+
+    async def with_series(pilot):
+        matrix = await open_spectral(pilot)
+        assert "max_angle_left_deg at step 40: 0.3" in text_of(matrix, "#spectral-note")
+        await pilot.press("o")
+        assert "nss at step 40: 3e-05" in text_of(matrix, "#spectral-note")
+
+    run_app(CompassApp(run), with_series)

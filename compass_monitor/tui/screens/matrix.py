@@ -254,7 +254,8 @@ class MatrixScreen(Screen):
         plt.title(f"{name} over time   (o: next of {', '.join(names)})")
         plot.refresh()
         last = values[steps <= self.view.steps[self.t]] if self.view.num_snapshots else values
-        note.update(f" {name} at step {int(self.view.steps[self.t])}: {fmt(float(last[-1]), 6) if len(last) else '-'}")
+        value = f"{float(last[-1]):.4g}" if len(last) and np.isfinite(last[-1]) else "-"
+        note.update(f" {name} at step {int(self.view.steps[self.t])}: {value}")
 
     # -- worker results ----------------------------------------------------------------------------
     @on(Worker.StateChanged)
