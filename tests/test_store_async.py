@@ -192,3 +192,29 @@ def test_resume_in_process_takes_over_from_unclosed_monitor(tmp_path, caplog):
     second.close()
     run = open_run(tmp_path / "run")
     assert run.status == "finished" and run.steps.tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("writer_queue", -1, r"writer_queue must be an integer >= 0 \(0 = write synchronously\), got -1"),
+        ("writer_queue", True, "writer_queue must be an integer"),
+        ("when_queue_full", "drop", "when_queue_full must be 'block' or 'skip', got 'drop'"),
+        ("key_interval", 0, "key_interval must be an integer >= 1, got 0"),
+    ],
+)
+def test_writer_config_is_validated(field, value, message):
+    from compass_monitor import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        MonitorConfig(**{field: value})
+
+
+def test_synchronous_writer(tmp_path):
+    config = MonitorConfig(every_n_steps=2, principal_rank=2, writer_queue=0)
+    model, monitor, base, after = train(tmp_path, config, 6)
+    assert open_run(tmp_path / "run").num_snapshots == 3  # committed before each step returned
+    monitor.close()
+    run = open_run(tmp_path / "run")
+    assert run.status == "finished" and run.commit["heartbeat_interval"] is None
+    check_masks_and_flips(run, base, after)

@@ -77,7 +77,10 @@ class AsyncWriter:
         self.skipped = 0
         self._lock = threading.RLock()
         self._gap_lock = threading.Lock()
-        self._pending_gaps: list[int] = []
+        # (jobs submitted before the gap, step): a gap is recorded after the jobs submitted before it.
+        self._pending_gaps: list[tuple[int, int]] = []
+        self._submitted = 0  # jobs handed to the queue (training thread)
+        self._done = 0  # jobs the writer thread finished
         self._closed = False
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(self.queue_size, 1))
         self._thread: threading.Thread | None = None
@@ -127,22 +130,24 @@ class AsyncWriter:
             try:
                 job = self._queue.get(timeout=self.heartbeat_interval)
             except queue.Empty:
-                self._guard("heartbeat", self.writer.heartbeat)
+                self._guard("heartbeat", self.writer.heartbeat, gaps_upto=self._done)
                 continue
             try:
                 if job is _STOP:
                     return
-                self._guard(*job)
+                seq, *call = job
+                self._guard(*call, gaps_upto=seq)
             finally:
+                self._done += 1
                 self._queue.task_done()
 
-    def _guard(self, what: str, fn: Callable[..., None], *args: Any) -> bool:
+    def _guard(self, what: str, fn: Callable[..., None], *args: Any, gaps_upto: int | None = None) -> bool:
         """Run one writer call unless the writer failed; keep (and log) the first failure."""
         with self._lock:
             if self.error is not None:
                 return False
             try:
-                self._take_gaps()
+                self._take_gaps(gaps_upto)
                 fn(*args)
                 return True
             except BaseException as exc:  # noqa: BLE001 - a writer failure must never reach training
@@ -155,11 +160,13 @@ class AsyncWriter:
     def _put(self, job: Any) -> bool:
         if self._thread is None:  # synchronous mode
             return self._guard(*job)
+        seq = self._submitted
         while True:
             if self.error is not None:
                 return False
             try:
-                self._queue.put(job, timeout=0.25)
+                self._queue.put((seq, *job), timeout=0.25)
+                self._submitted += 1
                 return True
             except queue.Full:
                 continue
@@ -203,15 +210,17 @@ class AsyncWriter:
         # Not through the (full) queue, and without waiting for the writer's lock: the
         # writer thread moves pending gaps into the store state before its next commit.
         with self._gap_lock:
-            self._pending_gaps.append(int(step))
+            self._pending_gaps.append((self._submitted, int(step)))
         if self._thread is None:
             with self._lock:
                 self._take_gaps()
 
-    def _take_gaps(self) -> None:
+    def _take_gaps(self, upto: int | None = None) -> None:
+        """Record the gaps noted before job ``upto`` was submitted (all if None) in the store state."""
         with self._gap_lock:
-            gaps, self._pending_gaps = self._pending_gaps, []
-        for step in gaps:
+            ready = [step for mark, step in self._pending_gaps if upto is None or mark <= upto]
+            self._pending_gaps = [(mark, step) for mark, step in self._pending_gaps if not (upto is None or mark <= upto)]
+        for step in ready:
             self.writer.note_gap(step)
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -257,6 +266,7 @@ class AsyncWriter:
             self.flush()
         with self._lock:
             try:
+                self._take_gaps()
                 self.writer.mark(status, **event)
             except Exception as exc:  # noqa: BLE001
                 log.error("compass-monitor: could not mark the run store %s: %s", status, exc)

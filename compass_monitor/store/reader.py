@@ -320,8 +320,12 @@ class Run:
     def frames(self) -> np.ndarray:
         """Frame headers (T, P, 4) in the order of ``schema.FRAME_FIELDS`` (all zeros for schema 1: packed keys)."""
         value = self._series_of(schema.FRAMES)
-        if value is None:
-            value = np.zeros((self.num_snapshots, len(self.params), len(schema.FRAME_FIELDS)), dtype=np.int64)
+        t = self.num_snapshots
+        if value is None or value.shape[0] < t:  # rows never written read as packed key frames
+            full = np.zeros((t, len(self.params), len(schema.FRAME_FIELDS)), dtype=np.int64)
+            if value is not None:
+                full[: value.shape[0]] = value
+            value = full
         return value
 
     def packed_mask(self, param: str | int | ParamInfo, snapshot: int) -> np.ndarray:
@@ -392,7 +396,7 @@ class Run:
         info = self.param(param)
         t = self._check_snapshot(snapshot)
         array = self._array(f"{schema.PREVIEW_PREFIX}/{info.id}", rows=t + 1)
-        if array is None:  # schema 1 stored no previews: derive from the mask
+        if array is None or array.shape[0] <= t:  # schema 1 stored no previews: derive from the mask
             rows, cols = self.preview_edges(info)
             return codec.preview_counts(self.packed_mask(info, t), info.shape, rows, cols)
         return np.asarray(array[t])

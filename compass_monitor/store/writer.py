@@ -17,6 +17,7 @@ runs it on a background thread for the monitor).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync
 
 from . import codec, schema
 
@@ -359,6 +361,7 @@ class RunWriter:
         self._grow_to(t + 1)
         key = self.is_key(t)
         headers = np.zeros((len(self._shapes), len(schema.FRAME_FIELDS)), dtype=np.int64)
+        writes: list[tuple[zarr.Array, Any]] = []
         for i, ((m, n), arrays, packed, row, col) in enumerate(zip(self._shapes, self._per_param, record.packed, record.rows, record.cols)):
             changed, rows, cols, preview = arrays
             numel = m * n
@@ -368,23 +371,37 @@ class RunWriter:
             source = packed if key else np.bitwise_xor(packed, self.previous_packed[i])
             frame = codec.encode_frame(source, numel, delta=not key)
             headers[i] = frame.header()
-            buffer = np.zeros(changed.shape[1], dtype=np.uint8)
-            buffer[: frame.payload.size] = frame.payload
-            changed[t] = buffer
-            rows[t] = row
-            cols[t] = col
+            buffer = np.zeros((1, changed.shape[1]), dtype=np.uint8)  # zero tail: a few bytes after zstd
+            buffer[0, : frame.payload.size] = frame.payload
             edges = self._edges[i]
-            preview[t] = codec.preview_counts(packed, (m, n), edges[0], edges[1])
-        self._frames[t] = headers
-        self._counts[t] = record.counts
-        self._null[t] = record.null_overlap
-        self._times[t] = record.wall_time
-        self._steps[t] = record.step
+            writes += [
+                (changed, buffer),
+                (rows, np.asarray(row, dtype=np.int32).reshape(1, m)),
+                (cols, np.asarray(col, dtype=np.int32).reshape(1, n)),
+                (preview, codec.preview_counts(packed, (m, n), edges[0], edges[1])[None]),
+            ]
+        writes += [
+            (self._frames, headers[None]),
+            (self._counts, np.asarray(record.counts, dtype=np.int64)[None]),
+            (self._null, np.asarray(record.null_overlap, dtype=np.float64)[None]),
+            (self._times, np.array([record.wall_time], dtype=np.float64)),
+            (self._steps, np.array([record.step], dtype=np.int64)),
+        ]
+        self._write_rows(t, writes)
         self._count = t + 1
         self._last_step = int(record.step)
         self._commit()
         # Only now is the snapshot the base of the next delta.
         self.previous_packed = [np.asarray(p, dtype=np.uint8) for p in record.packed]
+
+    @staticmethod
+    def _write_rows(t: int, writes: list[tuple[zarr.Array, Any]]) -> None:
+        """Write row t of several arrays at once (one round trip to zarr's event loop, concurrent I/O)."""
+
+        async def write_all() -> None:
+            await asyncio.gather(*(array.async_array.setitem(slice(t, t + 1), value) for array, value in writes))
+
+        sync(write_all())
 
     def note_gap(self, step: int) -> None:
         """Record that the snapshot of ``step`` was not stored (the writer's queue was full).
