@@ -1,15 +1,27 @@
 """compass-monitor: live bf16 update masks and the paper's diagnostics for training runs.
 
 The core (this package, without ``integrations`` and ``tui``) imports no
-training framework and no Textual.
+training framework and no Textual. The classes that need torch
+(``CompassMonitor``, ``ParamSpec``, ``SelectionError``) are imported on first
+use, so that readers of a run store (the CLI's ``summary``/``inspect``, the
+TUI) start without loading torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 from .config import ConfigError, MonitorConfig
-from .monitor import CompassMonitor
-from .selection import ParamSpec, SelectionError
 from .store import NotARunError, ParamInfo, Run, SchemaVersionError, StoreError, StoreExistsError, open_run
+
+if TYPE_CHECKING:
+    from .monitor import CompassMonitor
+    from .selection import ParamSpec, SelectionError
+
+_LAZY = {"CompassMonitor": ".monitor", "ParamSpec": ".selection", "SelectionError": ".selection"}
 
 __all__ = [
     "CompassMonitor",
@@ -26,3 +38,12 @@ __all__ = [
     "__version__",
     "open_run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'compass_monitor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
