@@ -13,7 +13,7 @@ Per snapshot (:meth:`ShardedCore.measure` / :meth:`ShardedCore.reduce` /
    rank agrees on skipping, failing, disabling) and the six counts of every
    matrix (``|M|``, the three overlaps, flips, non-finite); popcounts of the
    local ranges add up to the global counts. Every rank then holds the global
-   counts (for loggers on any rank). ``P * 6 * 8`` bytes.
+   counts (for loggers on any rank). ``(2 + 6 P) * 8`` bytes.
 2. ``gather`` to rank 0 (the only writer), within the ranks that contribute
    anything, of one uint8 buffer per rank: per matrix, the int32 partial row
    counts of the rows the range touches, the int32 partial column counts
@@ -36,12 +36,14 @@ does not depend on the number of ranks.
 
 Once, for the base (:meth:`ShardedCore.capture_base`): the geometry (which
 rank holds which range; checked to cover every matrix exactly once), the
-bf16-exact principal score (``principal``: an all-reduce of the exact
-fixed-point Gram parts of the smaller side per matrix, eigenvectors computed
-round-robin on one rank each and shared bit-exactly, each rank projecting its
-own rows; matrices wider than tall are regrouped by columns with one
-all-to-all of their bf16 codes, and their scores sent back), an exact global
-top-count selection (radix select on the float32 score bits: 4 all-reduces of
+bf16-exact principal score (``principal``: the exact fixed-point Gram parts of
+the smaller side of each matrix are summed with one ``reduce`` to the rank that
+computes its eigenvectors, upper triangles only, 8 r^2 bytes for an r x r Gram
+matrix; eigenvectors are computed round-robin, one rank per matrix, and shared
+bit-exactly with one all-reduce; each rank projects its own rows; matrices
+wider than tall are regrouped by columns with one all-to-all of their bf16
+codes and their scores sent back with another), an exact global top-count
+selection (radix select on the float32 score bits: 4 all-reduces of
 (selections x 256) histograms, then one all-reduce of per-rank tie counts so
 that ties go to the lowest *global* flat index), one all-reduce of the
 spacing-class counts, fingerprints (position-weighted sums with global
@@ -51,7 +53,9 @@ bytes per weight, matrix by matrix) to rank 0.
 
 Memory per rank: the base copy, 2 bytes per local weight, on the parameter's
 device or in CPU memory (``base_device="cpu"``), plus half a bit per local
-weight (three reference masks and the previous mask, packed).
+weight (three reference masks and the previous mask, packed). Rank 0 also
+assembles each snapshot's whole packed masks in host memory (1 bit per weight
+of the model, plus the gathered buffers), as a single-process monitor does.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ from .config import MonitorConfig
 from .matrix_probe import _FP_CHUNK, _FP_MOD, _FP_MULTIPLIERS
 from .precision_null import class_counts as _class_counts
 from .precision_null import spacing_class
-from .principal import gram_from_parts, gram_parts, project_rows, scale_exponent, top_basis
+from .principal import gram_from_symmetric, gram_parts, project_rows, scale_exponent, top_basis
 from .reference_masks import select_count
 from .sharding import LocalShard, ShardingError, ShardLayout
 
@@ -159,6 +163,17 @@ class Comm:
         work = tensor.to(self.device)
         reduce_op = {"sum": self._dist.ReduceOp.SUM, "max": self._dist.ReduceOp.MAX}[op]
         self._dist.all_reduce(work, op=reduce_op, group=self.group)
+        if work is not tensor:
+            tensor.copy_(work)
+        return tensor
+
+    def reduce(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        """Sum of every rank's ``tensor`` on group rank ``dst`` (in place there; other ranks' buffers are scratch)."""
+        self._note("reduce", tensor)
+        if self.world_size == 1:
+            return tensor
+        work = tensor.to(self.device)
+        self._dist.reduce(work, dst=self.global_rank(dst), op=self._dist.ReduceOp.SUM, group=self.group)
         if work is not tensor:
             tensor.copy_(work)
         return tensor
@@ -832,54 +847,80 @@ class ShardedCore:
     def _bases(self, projected: list[int], blocks: dict[int, tuple[int, torch.Tensor, int, int]], maxima: torch.Tensor) -> dict[int, torch.Tensor]:
         """Top-k eigenvectors of every projected matrix's exact Gram matrix, identical on every rank.
 
-        Per batch (bounded by ``BATCH_BYTES``): one all-reduce of the Gram parts;
-        matrix i's eigenvectors are computed on rank i mod W and shared with one
-        all-reduce of their float64 bits viewed as int64 (others add zeros).
+        Matrix i's eigenvectors are computed on rank i mod W. Per batch (bounded
+        by ``BATCH_BYTES``): for each owner, one ``reduce`` to it of the upper
+        triangles of the exact parts ``H`` and ``S = X + X^T`` of its matrices
+        (8 r^2 bytes per r x r Gram matrix); then one all-reduce shares every
+        owner's eigenvectors bit-exactly (their float64 bits viewed as int64;
+        the other ranks add zeros).
         """
         k_cfg = self.config.principal_rank
         W = self.comm.world_size
         bases: dict[int, torch.Tensor] = {}
         owner = {p: i % W for i, p in enumerate(projected)}
-        batch: list[int] = []
-        size = 0
+        triangles: dict[int, torch.Tensor] = {}
+
+        def upper(r: int) -> torch.Tensor:
+            """Bool mask of the upper triangle (boolean indexing reads it row by row)."""
+            if r not in triangles:
+                triangles[r] = torch.ones((r, r), dtype=torch.bool).triu_()
+            return triangles[r]
 
         def flush(batch: list[int]) -> None:
             if not batch:
                 return
+            grams: dict[int, torch.Tensor] = {}
+            for o in range(W):
+                mine = [p for p in batch if owner[p] == o]
+                if not mine:
+                    continue
+                sizes = [min(self.geometry.shapes[p]) for p in mine]
+                segment = torch.zeros(sum(r * (r + 1) for r in sizes), dtype=torch.float64)
+                offset = 0
+                for p, r in zip(mine, sizes):
+                    first, rows, owned_first, owned = blocks[p]
+                    tri = r * (r + 1) // 2
+                    if owned:
+                        sub = rows[owned_first - first : owned_first - first + owned]
+                        hh, hl = gram_parts(sub, max_exponent=scale_exponent(float(maxima[p])), rows_total=max(self.geometry.shapes[p]))
+                        mask = upper(r)
+                        segment[offset : offset + tri] = hh.cpu()[mask]
+                        segment[offset + tri : offset + 2 * tri] = (hl + hl.T).cpu()[mask]
+                    offset += 2 * tri
+                self.comm.reduce(segment, o)
+                if o != self.rank:
+                    continue
+                offset = 0
+                for p, r in zip(mine, sizes):
+                    tri = r * (r + 1) // 2
+                    mask = upper(r)
+                    parts = []
+                    for j in range(2):
+                        half = torch.zeros((r, r), dtype=torch.float64)
+                        half[mask] = segment[offset + j * tri : offset + (j + 1) * tri]
+                        parts.append(torch.where(mask, half, half.T))  # mirror: no arithmetic, exact
+                    grams[p] = gram_from_symmetric(parts[0], parts[1], rows_total=max(self.geometry.shapes[p]))
+                    offset += 2 * tri
             dims = [min(self.geometry.shapes[p]) for p in batch]
-            parts = torch.zeros(sum(2 * r * r for r in dims), dtype=torch.float64)
-            offset = 0
-            for p, r in zip(batch, dims):
-                first, rows, owned_first, owned = blocks[p]
-                total_rows = max(self.geometry.shapes[p])
-                if owned:
-                    sub = rows[owned_first - first : owned_first - first + owned]
-                    hh, hl = gram_parts(sub, max_exponent=scale_exponent(float(maxima[p])), rows_total=total_rows)
-                    parts[offset : offset + r * r] = hh.reshape(-1).cpu()
-                    parts[offset + r * r : offset + 2 * r * r] = hl.reshape(-1).cpu()
-                offset += 2 * r * r
-            self.comm.all_reduce(parts)
             vec_sizes = [r * min(k_cfg, r) for r in dims]
             shared = torch.zeros(sum(vec_sizes), dtype=torch.int64)
-            offset = v_offset = 0
-            for j, (p, r) in enumerate(zip(batch, dims)):
-                if owner[p] == self.rank:
-                    total_rows = max(self.geometry.shapes[p])
-                    hh = parts[offset : offset + r * r].view(r, r)
-                    hl = parts[offset + r * r : offset + 2 * r * r].view(r, r)
-                    basis = top_basis(gram_from_parts(hh, hl, rows_total=total_rows), min(k_cfg, r))
-                    shared[v_offset : v_offset + vec_sizes[j]] = basis.reshape(-1).view(torch.int64)
-                offset += 2 * r * r
-                v_offset += vec_sizes[j]
+            v_offset = 0
+            for p, size in zip(batch, vec_sizes):
+                if p in grams:
+                    basis = top_basis(grams.pop(p), min(k_cfg, min(self.geometry.shapes[p])))
+                    shared[v_offset : v_offset + size] = basis.reshape(-1).view(torch.int64)
+                v_offset += size
             self.comm.all_reduce(shared)
             v_offset = 0
-            for j, (p, r) in enumerate(zip(batch, dims)):
-                bases[p] = shared[v_offset : v_offset + vec_sizes[j]].clone().view(torch.float64).view(r, min(k_cfg, r))
-                v_offset += vec_sizes[j]
+            for p, r, size in zip(batch, dims, vec_sizes):
+                bases[p] = shared[v_offset : v_offset + size].clone().view(torch.float64).view(r, min(k_cfg, r))
+                v_offset += size
 
+        batch: list[int] = []
+        size = 0
         for p in projected:
             r = min(self.geometry.shapes[p])
-            need = 16 * r * r
+            need = 8 * r * (r + 1)
             if batch and size + need > BATCH_BYTES:
                 flush(batch)
                 batch, size = [], 0

@@ -51,6 +51,7 @@ __all__ = [
     "scale_exponent",
     "gram_parts",
     "gram_from_parts",
+    "gram_from_symmetric",
     "top_basis",
     "project_rows",
     "principal_scores",
@@ -101,8 +102,14 @@ def gram_parts(a: torch.Tensor, *, max_exponent: int, rows_total: int) -> tuple[
 
 def gram_from_parts(hh: torch.Tensor, hl: torch.Tensor, *, rows_total: int) -> torch.Tensor:
     """``G' = H + 2^-b (X + X^T)``, the Gram matrix up to the scale 2^2h (float64)."""
+    return gram_from_symmetric(hh, hl + hl.T, rows_total=rows_total)
+
+
+def gram_from_symmetric(hh: torch.Tensor, cross: torch.Tensor, *, rows_total: int) -> torch.Tensor:
+    """``G' = H + 2^-b S`` from ``H`` and ``S = X + X^T`` (both exact and symmetric; S's partial
+    sums stay below 2^52, so sums of per-rank ``X_r + X_r^T`` are exact too)."""
     b = fixed_point_bits(rows_total)
-    return hh + torch.ldexp(hl + hl.T, torch.tensor(-b, dtype=torch.float64, device=hh.device))
+    return hh + torch.ldexp(cross, torch.tensor(-b, dtype=torch.float64, device=hh.device))
 
 
 def top_basis(gram: torch.Tensor, rank: int) -> torch.Tensor:

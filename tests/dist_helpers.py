@@ -275,6 +275,16 @@ class ThreadComm:
         tensor.copy_(out)
         return tensor
 
+    def reduce(self, tensor, dst):
+        self._note("reduce", tensor)
+        values = self._exchange(tensor.clone())
+        if self.rank == dst:
+            out = values[0].clone()
+            for v in values[1:]:
+                out = out + v
+            tensor.copy_(out)
+        return tensor
+
     def gather(self, tensor, *, members, subgroup):
         self._note("gather", tensor)
         values = self._exchange(tensor.clone() if self.rank in members else None)
