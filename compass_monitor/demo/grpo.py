@@ -158,7 +158,9 @@ def train_grpo(
         ref_model = copy.deepcopy(model).requires_grad_(False)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # The fused kernel is an order of magnitude faster than the foreach one on CPU for this model.
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if on_optimizer is not None:
         on_optimizer(optimizer)
 
