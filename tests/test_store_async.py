@@ -178,6 +178,11 @@ def test_exit_without_close_commits_queued_snapshots(tmp_path):
     run = open_run(tmp_path / "run")
     assert run.steps.tolist() == [1, 2, 3, 4, 5, 6]
     assert run.status == "running" and run.writer_alive is False and run.is_stale
+    from compass_monitor.store.inspect import inspect_text
+
+    text = inspect_text(tmp_path / "run")
+    assert "STALE: the writer is gone; the run is unfinished and readable up to its last commit" in text
+    assert ": gone" in text and "masks (frames)" in text
 
 
 def test_resume_in_process_takes_over_from_unclosed_monitor(tmp_path, caplog):

@@ -126,6 +126,11 @@ def test_resume_truncates_and_continues_exactly(runs, how, tmp_path):
     resumed = [e for e in run.history if e["event"] == "resumed" and e["dropped"]]
     assert len(resumed) == 1 and resumed[0]["dropped"] == 1 and resumed[0]["kept"] == 3 and resumed[0]["step"] == 6
     assert run.commit["generation"] == 1
+    from compass_monitor.store.inspect import inspect_text
+
+    text = inspect_text(run_dir)
+    assert "truncations: resumed at step 6 dropped 1 snapshot(s)" in text and "status: finished" in text
+    assert "gaps: none" in text and "snapshots: 5 committed, steps 2..10; generation 1" in text
 
 
 def test_changed_layout_is_refused_untouched(runs, tmp_path):
