@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sentiment task with negations, with the monitor writing to RUN_DIR; then print the summary.",
     )
     demo.add_argument("--run-dir", default="runs/demo", help="run store directory (default runs/demo; replaced if it holds an earlier demo)")
-    demo.add_argument("--steps", type=int, default=40, help="GRPO steps, two optimizer steps each (default 40)")
+    demo.add_argument("--steps", type=int, default=30, help="GRPO steps, two optimizer steps each (default 30)")
     demo.add_argument("--every", type=int, default=5, help="snapshot every N optimizer steps (default 5)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_cmd_demo)

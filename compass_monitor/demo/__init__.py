@@ -44,7 +44,7 @@ def _clear_previous_demo(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
-def run_demo(*, run_dir: str = "runs/demo", steps: int = 40, every_n_steps: int = 5, seed: int = 0, tui: bool | None = None) -> int:
+def run_demo(*, run_dir: str = "runs/demo", steps: int = 30, every_n_steps: int = 5, seed: int = 0, tui: bool | None = None) -> int:
     """Train, monitor, print the summary. Returns a process exit code.
 
     With ``tui`` (default: when stdout is a terminal) training runs in a child
