@@ -503,6 +503,8 @@ class ShardedCore:
         self.members = self.geometry.members()
         self.subgroup = self.comm.new_subgroup(self.members)
         self.states: list[ShardState] = []
+        #: measurement code path: ``auto`` (numpy when W0 is in CPU memory, torch ops on its device otherwise)
+        self.backend = "auto"
 
     @classmethod
     def from_model(cls, model: Any, config: MonitorConfig, *, group: Any = None, base_device: str | None = None) -> "ShardedCore":
@@ -937,15 +939,30 @@ class ShardedCore:
         counts = np.zeros((P, 6), dtype=np.int64)
         pieces: list[np.ndarray] = []
         packed_list: list[torch.Tensor] = []
+        on_device: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         try:
             for p, state in enumerate(self.states):
                 if state.numel == 0:
                     packed_list.append(state.previous_packed)
                     continue
-                c, rows, cols, packed = _measure_range(state, self.geometry.shapes[p])
-                counts[p] = c
-                pieces += [rows.astype(np.int32).view(np.uint8), cols.astype(np.int32).view(np.uint8), _as_numpy_bits(packed)]
+                c, rows, cols, packed = _measure_range(state, self.geometry.shapes[p], backend=self.backend)
                 packed_list.append(packed)
+                if isinstance(c, torch.Tensor):  # accelerator: copied to the host below, once per kind
+                    on_device.append((p, c, rows, cols, packed))
+                    continue
+                counts[p] = c
+                pieces += [rows.view(np.uint8), cols.view(np.uint8), _as_numpy_bits(packed)]
+            if on_device:
+                host = [torch.cat([t[k].reshape(-1).view(torch.uint8) for t in on_device]).cpu().numpy() for k in (1, 2, 3, 4)]
+                offsets = [0, 0, 0, 0]
+                for p, c, rows, cols, packed in on_device:
+                    chunk = []
+                    for k, t in enumerate((c, rows, cols, packed)):
+                        size = t.numel() * t.element_size()
+                        chunk.append(host[k][offsets[k] : offsets[k] + size])
+                        offsets[k] += size
+                    counts[p] = chunk[0].view(np.int64)
+                    pieces += chunk[1:]
         except Exception as exc:  # reported to every rank through the next all-reduce
             return LocalSnapshot(counts=np.zeros((P, 6), dtype=np.int64), payload=np.zeros(0, np.uint8), error=f"rank {self.rank}: {type(exc).__name__}: {exc}")
         payload = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
@@ -1008,8 +1025,12 @@ class ShardedCore:
             state.previous_packed = torch.from_numpy(np.ascontiguousarray(local)).to(state.base_bits.device)
 
 
-def _measure_range(state: ShardState, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-    """Counts, partial rows (touched rows), partial columns and aligned packed mask of one local range."""
+def _measure_range(state: ShardState, shape: tuple[int, int], *, backend: str = "auto") -> tuple[Any, Any, Any, torch.Tensor]:
+    """Counts (6,) int64, partial rows (touched rows) and columns int32, aligned packed mask of one local range.
+
+    numpy on host arrays when the base is in CPU memory (``backend="auto"``); torch
+    tensors on the base's device otherwise (the caller copies them to the host in one go).
+    """
     m, n = shape
     start, numel = state.start, state.numel
     values = state.shard.local()
@@ -1020,7 +1041,7 @@ def _measure_range(state: ShardState, shape: tuple[int, int]) -> tuple[np.ndarra
     first, last = start // n, (start + numel - 1) // n
     nrows = last - first + 1
     lead = start - first * n
-    if base_t.device.type == "cpu":
+    if backend == "numpy" or (backend == "auto" and base_t.device.type == "cpu"):
         current = current_t.numpy()
         base = base_t.numpy()
         changed = (current != base) & (((current | base) & ABS_MASK) != 0)
@@ -1062,12 +1083,10 @@ def _measure_range(state: ShardState, shape: tuple[int, int]) -> tuple[np.ndarra
             ((current_t & ABS_MASK) >= INF_BITS).sum(dtype=torch.int64),
         ]
     )
-    grid = torch.zeros(nrows * n, dtype=torch.bool, device=changed.device)
-    grid[lead : lead + numel] = changed
-    grid = grid.view(nrows, n)
-    return (
-        counts_t.cpu().numpy(),
-        grid.sum(dim=1, dtype=torch.int32).cpu().numpy(),
-        grid.sum(dim=0, dtype=torch.int32).cpu().numpy(),
-        packed_t,
-    )
+    if lead == 0 and numel == nrows * n:
+        grid = changed.view(nrows, n)
+    else:
+        grid = torch.zeros(nrows * n, dtype=torch.bool, device=changed.device)
+        grid[lead : lead + numel] = changed
+        grid = grid.view(nrows, n)
+    return counts_t, grid.sum(dim=1, dtype=torch.int32), grid.sum(dim=0, dtype=torch.int32), packed_t

@@ -20,6 +20,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from typing import Any, Callable
 
@@ -210,7 +211,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable[..., An
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed.fsdp", "torch.distributed.tensor", "zarr", "numpy", "compass_monitor.sharded_monitor", "dist_helpers"]
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 300.0) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; each rank's return value.
 
     Ranks are forked from a fork server that imported torch once (a fresh
@@ -223,7 +224,16 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world, _free_port(), out_dir, fn, args), nprocs=world, join=True, start_method="forkserver")
+        context = mp.start_processes(
+            _worker, args=(world, _free_port(), out_dir, fn, args), nprocs=world, join=False, start_method="forkserver"
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:  # a hung collective must fail the test, not hang it
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                raise AssertionError(f"{getattr(fn, '__name__', fn)} on {world} ranks did not finish within {timeout:.0f} s")
         results = []
         for rank in range(world):
             with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as handle:

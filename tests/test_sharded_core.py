@@ -95,9 +95,13 @@ def drift(rng, tensor: torch.Tensor) -> None:
 SHAPES = [(29, 13), (13, 29), (2, 7), (1, 40), (40, 1), (31, 17), (7, 300), (300, 7)]
 
 
-@pytest.mark.parametrize("world", [2, 3, 5])
-@pytest.mark.parametrize("kind", ["rows", "flat"])
-def test_random_partitions_equal_single_process(rng, world, kind):
+@pytest.mark.parametrize(
+    "world, kind, backend",
+    [(2, "rows", "auto"), (3, "rows", "auto"), (5, "rows", "auto"), (2, "flat", "auto"), (3, "flat", "auto"), (5, "flat", "auto"),
+     (3, "rows", "torch"), (3, "flat", "torch")],
+)
+def test_random_partitions_equal_single_process(rng, world, kind, backend):
+    """backend="torch" runs the accelerator code path (torch ops, one host copy per kind) on the CPU."""
     config = MonitorConfig(principal_rank=3, alpha=float(rng.choice([0.5, rng.uniform(0.1, 0.9)])))
     specs_tensors = []
     for i, (m, n) in enumerate(SHAPES):
@@ -126,6 +130,8 @@ def test_random_partitions_equal_single_process(rng, world, kind):
         assert results[r][1]["reference_packed"] is None
 
     cores = [r[0] for r in results]
+    for core in cores:
+        core.backend = backend
     for snapshot in range(3):
         for _, tensor in specs_tensors:
             drift(rng, tensor)

@@ -56,11 +56,14 @@ def _build(kind: str):
     raise ValueError(kind)
 
 
-def _scenario(rank: int, kind: str, path: Path, *, count: H.CollectiveCounter | None = None) -> dict:
+def _scenario(rank: int, kind: str, path: Path, *, count: H.CollectiveCounter | None = None, skip_at: int | None = None) -> dict:
     from compass_monitor.sharded_monitor import ShardedMonitor
 
     model = _build(kind)
-    monitor = CompassMonitor(model, path, config=MonitorConfig(**CONFIG))
+    config = MonitorConfig(**CONFIG, when_queue_full="skip") if skip_at else MonitorConfig(**CONFIG)
+    monitor = CompassMonitor(model, path, config=config)
+    if skip_at and rank == 0:  # only the writer sees its queue full; every rank must skip with it
+        monitor.writer.full = lambda: monitor.step == skip_at
     per_snapshot: list[list[tuple[str, str, int]]] = []
     if count is not None:
         original = monitor._snapshot
@@ -233,19 +236,23 @@ def group_three(rank: int, world: int, root: str) -> dict:
     out["fsdp1"] = _scenario(rank, "fsdp1", root / "fsdp1_w3")
     out["fsdp1_orig"] = _scenario(rank, "fsdp1_orig", root / "fsdp1_orig_w3")
     out["resume"] = _resume_second(rank, root)
+    out["skip"] = _scenario(rank, "fsdp2", root / "skip_w3", skip_at=4)
     return out
 
 
 # ----------------------------------------------------------------------------- test side
 
 
-def _single(path: Path, steps: int) -> dict[str, np.ndarray]:
+def _single(path: Path, steps: int, *, skip_at: int | None = None) -> dict[str, np.ndarray]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' setting: identical BLAS results
     try:
         model = H.make_model()
-        monitor = CompassMonitor(model, path, config=MonitorConfig(**CONFIG))
+        config = MonitorConfig(**CONFIG, when_queue_full="skip") if skip_at else MonitorConfig(**CONFIG)
+        monitor = CompassMonitor(model, path, config=config)
         assert type(monitor) is CompassMonitor
+        if skip_at:
+            monitor.writer.full = lambda: monitor.step == skip_at
         optimizer = H.ExactAdam(model.parameters())
         attach_optimizer(monitor, optimizer)
         H.train_steps(model, optimizer, H.batches(steps))
@@ -282,6 +289,7 @@ def assert_same_store(expected: Path, got: Path) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
     weights = {"single7": _single(root / "single7", STEPS), "single8": _single(root / "single8", RESUME_TOTAL)}
+    _single(root / "single7_skip", STEPS, skip_at=4)
     two = H.spawn(group_two, 2, str(root))
     three = H.spawn(group_three, 3, str(root))
     return root, weights, two, three
@@ -378,6 +386,16 @@ def test_no_weight_moves_on_the_snapshot_path(runs, world):
                 mine += ((start + numel + 7) // 8 - start // 8) + 4 * rows + 4 * n
         assert mine == r["payload_bytes"][rank]
         assert gather_bytes == max(g["fsdp2"]["payload_bytes"][i] for i, g in enumerate(group))
+
+
+def test_a_snapshot_skipped_by_the_writer_is_skipped_on_every_rank(runs):
+    """when_queue_full="skip": rank 0's full queue skips the snapshot everywhere; the gap is recorded and the
+    next snapshot's flips count against the last stored one, exactly as in a single process."""
+    root, _, _, three = runs
+    assert all(r["skip"]["disabled"] is None for r in three)
+    assert_same_store(root / "single7_skip", root / "skip_w3")
+    run = open_run(root / "skip_w3")
+    assert run.steps.tolist() == [2, 6, 7] and run.gaps == [(4, 4, 1)]
 
 
 def test_a_failing_rank_disables_every_rank_at_the_same_snapshot(runs):
