@@ -97,6 +97,8 @@ log = logging.getLogger(__name__)
 
 #: Upper bound on one batched collective buffer at base time (Gram parts, eigenvectors).
 BATCH_BYTES = 1 << 28
+#: Local weights (the largest rank's) per group of matrices whose base is computed together.
+BASE_GROUP_ELEMENTS = 1 << 26
 _FLAG_FIELDS = ("error", "skip")
 
 
@@ -551,47 +553,52 @@ class ShardedCore:
         self.comm.phase = "base"
         cfg = self.config
         P = len(self.layout.shards)
-        bits_list: list[torch.Tensor] = []
-        w0_list: list[torch.Tensor] = []
-        for p, shard in enumerate(self.layout.shards):
-            start, numel = self._range(p)
-            if numel:
-                local = shard.local()
-                bits = canonical_bits(bf16_bits(local).clone())
-            else:
-                device = shard.values().device if shard.numel else torch.device("cpu")
-                bits = torch.zeros(0, dtype=torch.int16, device=device)
-            bits_list.append(bits)
-            w0 = torch.nan_to_num(bits.view(torch.bfloat16).float(), nan=0.0, posinf=0.0, neginf=0.0)
-            w0_list.append(w0)
-        principal_scores = self._principal_scores(w0_list)
-        scores, counts, starts = [], [], []
-        for p, shard in enumerate(self.layout.shards):
-            count = select_count(shard.spec.numel, cfg.alpha)
-            scores += [principal_scores[p], -w0_list[p].abs()]
-            counts += [count, count]
-            starts += [self._starts(p), self._starts(p)]
-        masks = radix_select(self.comm, scores, counts, starts)
         reduce_buf = torch.zeros(P * (4 * 512 + 2 + 1), dtype=torch.int64)
         class_block = reduce_buf[: P * 4 * 512].view(P, 4, 512)
         fp_block = reduce_buf[P * 4 * 512 : P * (4 * 512 + 2)].view(P, 2)
         bad_block = reduce_buf[P * (4 * 512 + 2) :]
-        self.states = []
-        for p, shard in enumerate(self.layout.shards):
-            start, numel = self._range(p)
-            bits = bits_list[p]
-            principal, low = masks[2 * p], masks[2 * p + 1]
-            pnl = principal & ~low
-            if numel:
-                class_block[p] = _class_counts(spacing_class(bits), [principal, low, pnl]).cpu()
-                fp_block[p] = fingerprint_partial(bits, start).cpu()
-                bad_block[p] = int(((bits & ABS_MASK) >= INF_BITS).sum())
-            reference = torch.stack([pack_aligned(principal, start), pack_aligned(low, start), pack_aligned(pnl, start)]) if numel else torch.zeros((3, 0), dtype=torch.uint8, device=bits.device)
-            base = bits if self.base_device is None else bits.to(self.base_device)
-            ref = reference if self.base_device is None else reference.to(self.base_device)
-            self.states.append(
-                ShardState(shard=shard, start=start, numel=numel, base_bits=base, reference_packed=ref, previous_packed=torch.zeros_like(ref[0]))
-            )
+        states: list[ShardState | None] = [None] * P
+        for group in self._base_groups():
+            bits_of: dict[int, torch.Tensor] = {}
+            w0_of: dict[int, torch.Tensor] = {}
+            for p in group:
+                shard = self.layout.shards[p]
+                start, numel = self._range(p)
+                if numel:
+                    bits = canonical_bits(bf16_bits(shard.local()).clone())
+                else:
+                    device = shard.values().device if shard.numel else torch.device("cpu")
+                    bits = torch.zeros(0, dtype=torch.int16, device=device)
+                bits_of[p] = bits
+                w0_of[p] = torch.nan_to_num(bits.view(torch.bfloat16).float(), nan=0.0, posinf=0.0, neginf=0.0)
+            principal_scores = self._principal_scores(group, w0_of)
+            scores, counts, starts = [], [], []
+            for p in group:
+                count = select_count(self.layout.shards[p].spec.numel, cfg.alpha)
+                scores += [principal_scores.pop(p), -w0_of[p].abs()]
+                counts += [count, count]
+                starts += [self._starts(p), self._starts(p)]
+            del w0_of, principal_scores
+            masks = radix_select(self.comm, scores, counts, starts)
+            del scores
+            for j, p in enumerate(group):
+                shard = self.layout.shards[p]
+                start, numel = self._range(p)
+                bits = bits_of[p]
+                principal, low = masks[2 * j], masks[2 * j + 1]
+                pnl = principal & ~low
+                if numel:
+                    class_block[p] = _class_counts(spacing_class(bits), [principal, low, pnl]).cpu()
+                    fp_block[p] = fingerprint_partial(bits, start).cpu()
+                    bad_block[p] = int(((bits & ABS_MASK) >= INF_BITS).sum())
+                    reference = torch.stack([pack_aligned(principal, start), pack_aligned(low, start), pack_aligned(pnl, start)])
+                else:
+                    reference = torch.zeros((3, 0), dtype=torch.uint8, device=bits.device)
+                base = bits if self.base_device is None else bits.to(self.base_device)
+                ref = reference if self.base_device is None else reference.to(self.base_device)
+                states[p] = ShardState(shard=shard, start=start, numel=numel, base_bits=base, reference_packed=ref, previous_packed=torch.zeros_like(ref[0]))
+            del masks
+        self.states = [s for s in states if s is not None]
         self.comm.all_reduce(reduce_buf)
         fingerprints = fp_block.numpy() % _FP_MOD
         result: dict[str, Any] = {
@@ -650,13 +657,33 @@ class ShardedCore:
         return None if gathered is None else [g.numpy() for g in gathered]
 
     # -- principal scores ------------------------------------------------------------
-    def _principal_scores(self, w0_list: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Float32 principal scores of every local range, bit-identical to ``principal.principal_scores``."""
+    def _base_groups(self) -> list[list[int]]:
+        """Consecutive matrices whose largest local range (over ranks) sums to at most ``BASE_GROUP_ELEMENTS``.
+
+        The base is computed group by group (about 30 bytes of temporaries per
+        local weight of a group); the grouping comes from the geometry, so it is
+        the same on every rank.
+        """
+        groups: list[list[int]] = []
+        size = 0
+        for p, per_rank in enumerate(self.geometry.ranges):
+            biggest = max(k for _, k in per_rank)
+            if groups and groups[-1] and size + biggest <= BASE_GROUP_ELEMENTS:
+                groups[-1].append(p)
+                size += biggest
+            else:
+                groups.append([p])
+                size = biggest
+        return groups
+
+    def _principal_scores(self, group: list[int], w0_list: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Float32 principal scores of the local ranges of ``group``, bit-identical to ``principal.principal_scores``."""
         k_cfg = self.config.principal_rank
-        P = len(w0_list)
-        out: list[torch.Tensor | None] = [None] * P
+        P = len(self.geometry.shapes)
+        out: dict[int, torch.Tensor] = {}
         tall, wide = [], []
-        for p, w0 in enumerate(w0_list):
+        for p in group:
+            w0 = w0_list[p]
             m, n = self.geometry.shapes[p]
             if m == 0 or n == 0 or k_cfg <= 0:
                 out[p] = torch.zeros_like(w0)
@@ -699,9 +726,9 @@ class ShardedCore:
             back = self._wide_return(wide, scores_t, w0_list)
             for p in wide:
                 out[p] = back[p]
-        return [o if o is not None else torch.zeros(0) for o in out]
+        return out
 
-    def _tall_blocks(self, tall: list[int], w0_list: list[torch.Tensor]) -> dict[int, tuple[int, torch.Tensor, int, int]]:
+    def _tall_blocks(self, tall: list[int], w0_list: dict[int, torch.Tensor]) -> dict[int, tuple[int, torch.Tensor, int, int]]:
         """Whole rows for tall matrices: local rows, plus rows split with another rank (one all-reduce)."""
         blocks = {}
         cut_rows: dict[int, list[int]] = {}
@@ -753,7 +780,7 @@ class ShardedCore:
         W = self.comm.world_size
         return [(n * d) // W for d in range(W + 1)]
 
-    def _wide_blocks(self, wide: list[int], w0_list: list[torch.Tensor]) -> dict[int, tuple[int, torch.Tensor, Any]]:
+    def _wide_blocks(self, wide: list[int], w0_list: dict[int, torch.Tensor]) -> dict[int, tuple[int, torch.Tensor, Any]]:
         """Column blocks of wide matrices (rows of a = W^T), regrouped with one all-to-all of bf16 codes."""
         W = self.comm.world_size
         plan: dict[int, tuple[int, torch.Tensor, Any]] = {}
@@ -812,7 +839,7 @@ class ShardedCore:
             plan[p] = (c0, values.T.contiguous().to(device), None)
         return plan
 
-    def _wide_return(self, wide: list[int], scores_t: dict[int, torch.Tensor], w0_list: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _wide_return(self, wide: list[int], scores_t: dict[int, torch.Tensor], w0_list: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Send the column blocks' scores back to the ranks holding those elements (one all-to-all)."""
         W = self.comm.world_size
         send_parts: list[list[np.ndarray]] = [[] for _ in range(W)]

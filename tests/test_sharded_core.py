@@ -96,12 +96,18 @@ SHAPES = [(29, 13), (13, 29), (2, 7), (1, 40), (40, 1), (31, 17), (7, 300), (300
 
 
 @pytest.mark.parametrize(
-    "world, kind, backend",
-    [(2, "rows", "auto"), (3, "rows", "auto"), (5, "rows", "auto"), (2, "flat", "auto"), (3, "flat", "auto"), (5, "flat", "auto"),
-     (3, "rows", "torch"), (3, "flat", "torch")],
+    "world, kind, backend, group",
+    [(2, "rows", "auto", None), (3, "rows", "auto", None), (5, "rows", "auto", None), (2, "flat", "auto", None),
+     (3, "flat", "auto", None), (5, "flat", "auto", None), (3, "rows", "torch", None), (3, "flat", "torch", None),
+     (3, "flat", "auto", 200)],
 )
-def test_random_partitions_equal_single_process(rng, world, kind, backend):
-    """backend="torch" runs the accelerator code path (torch ops, one host copy per kind) on the CPU."""
+def test_random_partitions_equal_single_process(rng, monkeypatch, world, kind, backend, group):
+    """backend="torch" runs the accelerator code path (torch ops, one host copy per kind) on the CPU;
+    group=200 computes the base a few matrices at a time."""
+    if group is not None:
+        import compass_monitor.distributed as distributed
+
+        monkeypatch.setattr(distributed, "BASE_GROUP_ELEMENTS", group)
     config = MonitorConfig(principal_rank=3, alpha=float(rng.choice([0.5, rng.uniform(0.1, 0.9)])))
     specs_tensors = []
     for i, (m, n) in enumerate(SHAPES):
