@@ -76,6 +76,7 @@ def _machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "backend": "gloo (CPU, localhost)",
+        "load_average_at_start": list(os.getloadavg()),
     }
 
 
@@ -142,6 +143,32 @@ def _measure(rank: int, world: int, args: dict, out_dir: Path) -> dict:
     }
 
 
+def single_process(args: dict) -> dict:
+    """The plain single-process monitor on the same model (no collectives), for the snapshot time."""
+    from compass_monitor import CompassMonitor, MonitorConfig
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Stack(args["layers"], args["hidden"])
+    config = MonitorConfig(every_n_steps=1, principal_rank=args["rank"], store_base=args["store_base"], writer_queue=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        monitor = CompassMonitor(model, Path(tmp) / "run", config=config)
+        base_seconds = time.perf_counter() - t0
+        gen = torch.Generator().manual_seed(0)
+        times = []
+        for step in range(1, args["snapshots"] + 1):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * 1e-3 * (torch.rand(p.shape, generator=gen) < 0.02 * step))
+            t = time.perf_counter()
+            monitor.step = step
+            monitor.snapshot()
+            times.append(time.perf_counter() - t)
+        monitor.close()
+    return {"world_size": 1, "monitor": "CompassMonitor (single process)", "snapshot_seconds_median": statistics.median(times), "base_capture_seconds": base_seconds}
+
+
 def run_world(world: int, args: dict) -> list[dict]:
     import multiprocessing
 
@@ -201,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     args = {"layers": ns.layers, "hidden": ns.hidden, "rank": ns.rank, "snapshots": ns.snapshots, "store_base": ns.store_base}
     results = []
+    single = single_process(args)
+    print(f"W=1 (single process): snapshot {single['snapshot_seconds_median'] * 1e3:.1f} ms, base {single['base_capture_seconds']:.1f} s", flush=True)
     for world in ns.worlds:
         t = time.time()
         summary = summarize(world, run_world(world, args))
@@ -219,8 +248,10 @@ def main(argv: list[str] | None = None) -> None:
         "what": "collective bytes per snapshot of the sharded monitor (FSDP2 fully_shard, gloo on localhost CPU) vs the bytes of the weights",
         "machine": _machine(),
         "model": {"layers": ns.layers, "hidden": ns.hidden, "principal_rank": ns.rank, "store_base": ns.store_base, "shapes": run_shapes(ns)},
+        "single_process": single,
         "results": results,
         "created": time.time(),
+        "note": "timings share 2 CPU cores among all ranks (and with other jobs: see load_average_at_start); the byte counts are exact",
     }
     ns.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {ns.out}")

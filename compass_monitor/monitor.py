@@ -76,6 +76,11 @@ class CompassMonitor:
     change counts, and the overlap counts with the reference masks; with the
     precision null of each overlap.
 
+    A model whose parameters are sharded across processes (FSDP1, FSDP2 /
+    DTensor ``Shard(0)``, HSDP) gets a
+    :class:`~compass_monitor.sharded_monitor.ShardedMonitor` instead: the same
+    API and the same store, created and driven on every rank (docs/sharding.md).
+
     Args:
         model: the module whose parameters are monitored (its current weights are the base).
         run_dir: a new or empty directory for the run store.

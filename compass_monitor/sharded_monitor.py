@@ -177,6 +177,12 @@ class ShardedMonitor(CompassMonitor):
                 raise error
             raise (schema.StoreExistsError if outcome[0] == "StoreExistsError" else schema.StoreError)(f"rank 0: {outcome[1]}")
 
+        if getattr(self.config, "spectral_every", 0) and self.core.is_writer:
+            log.warning(
+                "compass-monitor: spectral diagnostics (spectral_every=%s) are not computed for sharded models yet; "
+                "the masks, counts, profiles and overlaps are",
+                getattr(self.config, "spectral_every", 0),
+            )
         base = self.core.capture_base(want_codes=self.config.store_base)
         self._class_counts = base["class_counts"]
         self._warn_base_nonfinite(base["nonfinite"])
