@@ -50,6 +50,15 @@ class MonitorConfig:
             (each parameter's device: no host transfer per snapshot) or
             ``"cpu"`` (host memory: saves accelerator memory, costs a 2-byte
             device-to-host copy of the current bf16 weights per snapshot).
+        spectral_every: compute the spectral diagnostics (NSS, principal
+            angles, top-k energy; paper Sec. 4.1) every this many snapshots;
+            0 turns them off. Off by default: the base decomposition costs a
+            float64 Gram eigendecomposition per matrix at start
+            (``compass_monitor.spectral``).
+        spectral_k: rank of the subspaces compared by principal angles and of
+            the Ky Fan energy (capped at min(m, n)).
+        spectral_method: ``"auto"``, ``"exact"`` or ``"perturb"`` (see
+            ``compass_monitor.spectral``).
     """
 
     every_n_steps: int = 10
@@ -68,6 +77,9 @@ class MonitorConfig:
     key_interval: int = 32
     store_base: bool = True
     base_device: str = "param"
+    spectral_every: int = 0
+    spectral_k: int = 64
+    spectral_method: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +97,12 @@ class MonitorConfig:
             raise ConfigError(f"when_queue_full must be 'block' or 'skip', got {self.when_queue_full!r}")
         if not isinstance(self.key_interval, int) or isinstance(self.key_interval, bool) or self.key_interval < 1:
             raise ConfigError(f"key_interval must be an integer >= 1, got {self.key_interval!r}")
+        if not isinstance(self.spectral_every, int) or isinstance(self.spectral_every, bool) or self.spectral_every < 0:
+            raise ConfigError(f"spectral_every must be an integer >= 0 (0 = off), got {self.spectral_every!r}")
+        if not isinstance(self.spectral_k, int) or isinstance(self.spectral_k, bool) or self.spectral_k < 1:
+            raise ConfigError(f"spectral_k must be an integer >= 1, got {self.spectral_k!r}")
+        if self.spectral_method not in ("auto", "exact", "perturb"):
+            raise ConfigError(f"spectral_method must be 'auto', 'exact' or 'perturb', got {self.spectral_method!r}")
         if self.base_device not in ("param", "cpu"):
             raise ConfigError(f"base_device must be 'param' or 'cpu', got {self.base_device!r}")
         if self.name_pattern is not None:

@@ -37,6 +37,7 @@ from .config import MonitorConfig
 from .matrix_probe import MatrixBase, capture_base, measure
 from .precision_null import null_overlaps
 from .selection import ParamSpec, select_parameters
+from .spectral import SpectralBase, SpectralConfig, spectral_base, spectral_drift
 from .store import schema
 from .store.async_writer import AsyncWriter
 from .store.resume import ResumePlan, plan_resume, resume_config
@@ -143,8 +144,11 @@ class CompassMonitor:
         self._latest: tuple[int, np.ndarray, np.ndarray] | None = None
         self.enabled = True
         self.disabled_reason: str | None = None
+        self._spectral_bases: list[SpectralBase] | None = None
+        self._snapshots_taken = 0
         if resume:
             self._resume(run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
+            self._init_spectral()
             return
 
         self._states, class_counts, fingerprints = self._capture_base()
@@ -174,7 +178,16 @@ class CompassMonitor:
             reference_packed=[state.reference_packed.cpu().numpy() for state in self._states],
             base_codes=[state.base_bits.cpu().numpy() for state in self._states] if self.config.store_base else None,
         )
+        self._init_spectral()
         log.info("compass-monitor: watching %d matrices (%d weights) -> %s", len(self.specs), self.num_weights, run_dir)
+
+    @torch.no_grad()
+    def _init_spectral(self) -> None:
+        """Decompose each base matrix once (from the stored W0 codes, so a resumed run uses the true base)."""
+        if not self.config.spectral_every:
+            return
+        config = SpectralConfig(k=self.config.spectral_k, every_n_snapshots=self.config.spectral_every, method=self.config.spectral_method)
+        self._spectral_bases = [spectral_base(state.base_bits.view(torch.bfloat16), config) for state in self._states]
 
     def _start_writer(self, store: RunWriter) -> AsyncWriter:
         return AsyncWriter(store, queue_size=self.config.writer_queue, when_full=self.config.when_queue_full)
@@ -350,6 +363,7 @@ class CompassMonitor:
         rows = torch.cat([m.rows for m in measurements]).cpu().numpy()
         cols = torch.cat([m.cols for m in measurements]).cpu().numpy()
         packed = torch.cat([m.packed for m in measurements]).cpu().numpy()
+        self._snapshots_taken += 1
         record = SnapshotRecord(
             step=step,
             wall_time=time.time(),
@@ -358,12 +372,25 @@ class CompassMonitor:
             rows=_split(rows, [s.shape[0] for s in self.specs]),
             cols=_split(cols, [s.shape[1] for s in self.specs]),
             packed=_split(packed, [(s.numel + 7) // 8 for s in self.specs]),
+            spectral=self._spectral_now(),
         )
         self._warn_nonfinite(counts[:, schema.COUNT_FIELDS.index("nonfinite")])
         if not self.writer.submit(record) and self.writer.error is not None:
             self._raise_writer_error()
         self._last_snapshot_step = step
         self._latest = (step, record.counts, record.null_overlap)
+
+    def _spectral_now(self) -> np.ndarray | None:
+        """(P, 4) spectral diagnostics on every ``spectral_every``-th snapshot, else None."""
+        if self._spectral_bases is None or self._snapshots_taken % self.config.spectral_every:
+            return None
+        rows = []
+        for base, state, param in zip(self._spectral_bases, self._states, self._params):
+            # W_t as the bf16 values the changed mask sees (fp32 masters rounded like the probe).
+            current = param.detach().reshape(state.spec.shape).to(torch.bfloat16)
+            drift = spectral_drift(base, current)
+            rows.append(torch.stack([drift.nss, drift.max_angle_left_deg, drift.max_angle_right_deg, drift.topk_energy_rel_change]).double())
+        return torch.stack(rows).cpu().numpy()
 
     def latest_scalars(self, *, prefix: str = "compass") -> dict[str, float]:
         """Scalars of the latest snapshot for a logger, ``{}`` before the first one.

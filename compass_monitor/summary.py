@@ -83,4 +83,29 @@ def summary_text(run: Run, *, max_rows: int = 20) -> str:
         row = f"{name:>10} {s.num_matrices:>5} {s.numel:>10} {_fmt(s.sparsity[last], 9, 4)}"
         row += "".join(f" | {_fmt(s.overlap[m][last])} {_fmt(s.null[m][last])}" for m, _ in _MASK_LABELS)
         lines.append(row)
+    lines += _spectral_lines(run, ordered)
     return "\n".join(lines)
+
+
+def _spectral_lines(run: Run, ordered: list[str]) -> list[str]:
+    """Spectral drift per module type at the latest snapshot that has it (Sec. 4.1)."""
+    values = run.spectral_metrics
+    if values is None or not np.isfinite(values).any():
+        return []
+    t = int(np.nonzero(np.isfinite(values).any(axis=(1, 2)))[0][-1])
+    k = run.config.get("spectral_k", "?")
+    lines = [
+        "",
+        f"spectral drift at step {int(run.steps[t])} (Sec. 4.1; k={k}): mean and max NSS, largest principal angle (deg), top-k energy change",
+        f"{'type':>10} {'NSS mean':>10} {'NSS max':>10} {'angle U':>8} {'angle V':>8} {'energy':>10}",
+    ]
+    for name in ordered:
+        idx = [p.index for p in run.params if (p.module_type if p.role == "linear" else p.role) == name]
+        v = values[t, idx]
+        if not np.isfinite(v[:, 0]).any():
+            continue
+        lines.append(
+            f"{name:>10} {np.nanmean(v[:, 0]):>10.2e} {np.nanmax(v[:, 0]):>10.2e} {np.nanmax(v[:, 1]):>8.3f} "
+            f"{np.nanmax(v[:, 2]):>8.3f} {np.nanmean(v[:, 3]):>10.2e}"
+        )
+    return lines

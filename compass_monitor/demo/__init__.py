@@ -65,7 +65,7 @@ def run_demo(*, run_dir: str = "runs/demo", steps: int = 30, every_n_steps: int 
     _clear_previous_demo(path)
     started = time.time()
     model, tokenizer = load_pretrained()
-    config = MonitorConfig(every_n_steps=every_n_steps)
+    config = MonitorConfig(every_n_steps=every_n_steps, spectral_every=4, spectral_k=16)
     monitor = CompassMonitor(
         model,
         path,

@@ -290,6 +290,29 @@ class Run:
         return self.counts[:, :, schema.COUNT_FIELDS.index(field)]
 
     @property
+    def spectral_metrics(self) -> np.ndarray | None:
+        """Spectral diagnostics (T, P, F) in ``schema.SPECTRAL_FIELDS`` order, NaN where not
+        computed; None for a store without them."""
+        return self._series_of(schema.SPECTRAL)
+
+    @property
+    def has_spectral(self) -> bool:
+        """Whether any committed snapshot carries spectral diagnostics."""
+        values = self.spectral_metrics
+        return values is not None and bool(np.isfinite(values).any())
+
+    def spectral(self, param: str | int | ParamInfo) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Spectral series of one matrix: ``{field: (steps, values)}`` over the snapshots that have them."""
+        info = self.param(param)
+        values = self.spectral_metrics
+        if values is None:
+            return {}
+        series = values[:, info.index, :]
+        present = np.isfinite(series).any(axis=1)
+        steps = self.steps[present]
+        return {name: (steps, series[present, j]) for j, name in enumerate(schema.SPECTRAL_FIELDS)}
+
+    @property
     def null_overlap(self) -> np.ndarray:
         """Precision-null overlaps (T, P, 3) in the order of ``schema.REFERENCE_MASKS``."""
         return self._series_of(schema.NULL_OVERLAP)

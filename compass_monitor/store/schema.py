@@ -89,3 +89,13 @@ class SchemaVersionError(StoreError):
 
 class ResumeError(StoreError):
     """A run store cannot be continued with this model or configuration (the message says what differs)."""
+
+#: Spectral diagnostics (T, P, len(SPECTRAL_FIELDS)) float64, NaN where not computed
+#: (off, or not a spectral snapshot). Added in schema 2; older stores lack the array.
+SPECTRAL = "metrics/spectral"
+SPECTRAL_FIELDS = (
+    "nss",  # ||sigma(W_t) - sigma(W_0)|| / ||sigma(W_0)|| (Sec. 4.1)
+    "max_angle_left_deg",  # largest principal angle, top-k left singular subspaces
+    "max_angle_right_deg",  # same, right subspaces
+    "topk_energy_rel_change",  # Ky Fan k-norm change relative to W_0's (Cor. 3.5)
+)

@@ -68,6 +68,7 @@ class SnapshotRecord:
     rows: list[np.ndarray]  # per param (m,) int32
     cols: list[np.ndarray]  # per param (n,) int32
     packed: list[np.ndarray]  # per param (nbytes,) uint8, np.packbits of the flat mask
+    spectral: np.ndarray | None = None  # (P, len(SPECTRAL_FIELDS)) float64, None = not computed
 
 
 def check_target_free(path: Path) -> None:
@@ -197,6 +198,8 @@ class RunWriter:
         counts = self._array(schema.COUNTS, (t, p, fields), (1, p, fields), "int64")
         null = self._array(schema.NULL_OVERLAP, (t, p, masks), (1, p, masks), "float64", float("nan"))
         frames = self._array(schema.FRAMES, (t, p, frame), (1, p, frame), "int64")
+        spectral = len(schema.SPECTRAL_FIELDS)
+        self._array(schema.SPECTRAL, (t, p, spectral), (1, p, spectral), "float64", float("nan"))
         for i, (m, n) in enumerate(self._shapes):
             pid = schema.param_id(i)
             nbytes = (m * n + 7) // 8
@@ -215,6 +218,10 @@ class RunWriter:
         self._steps, self._times = g[schema.STEPS], g[schema.TIMES]
         self._counts, self._null, self._frames = g[schema.COUNTS], g[schema.NULL_OVERLAP], g[schema.FRAMES]
         self._growing = [self._steps, self._times, self._counts, self._null, self._frames]
+        # Stores written before the spectral array existed resume without it.
+        self._spectral = g[schema.SPECTRAL] if schema.SPECTRAL in g else None
+        if self._spectral is not None:
+            self._growing.append(self._spectral)
         self._per_param, self._reference, self._edges = [], [], []
         for i, (m, n) in enumerate(self._shapes):
             pid = schema.param_id(i)
@@ -387,6 +394,9 @@ class RunWriter:
             (self._times, np.array([record.wall_time], dtype=np.float64)),
             (self._steps, np.array([record.step], dtype=np.int64)),
         ]
+        if self._spectral is not None:
+            spectral = np.full(self._spectral.shape[1:], np.nan) if record.spectral is None else record.spectral
+            writes.append((self._spectral, np.asarray(spectral, dtype=np.float64)[None]))
         self._write_rows(t, writes)
         self._count = t + 1
         self._last_step = int(record.step)
