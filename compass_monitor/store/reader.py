@@ -302,13 +302,16 @@ class Run:
         return values is not None and bool(np.isfinite(values).any())
 
     def spectral(self, param: str | int | ParamInfo) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Spectral series of one matrix: ``{field: (steps, values)}`` over the snapshots that have them."""
+        """Spectral series of one matrix: ``{field: (steps, values)}`` over the snapshots that have them;
+        ``{}`` when none has (spectral diagnostics off, or a store without them)."""
         info = self.param(param)
         values = self.spectral_metrics
         if values is None:
             return {}
         series = values[:, info.index, :]
         present = np.isfinite(series).any(axis=1)
+        if not present.any():
+            return {}
         steps = self.steps[present]
         return {name: (steps, series[present, j]) for j, name in enumerate(schema.SPECTRAL_FIELDS)}
 
