@@ -37,7 +37,7 @@ from .config import MonitorConfig
 from .matrix_probe import MatrixBase, capture_base, measure
 from .precision_null import null_overlaps
 from .selection import ParamSpec, select_parameters
-from .spectral import SpectralBase, SpectralConfig, spectral_base, spectral_drift
+from .spectral import SpectralBase, SpectralConfig, spectral_base, spectral_drift_checked
 from .store import schema
 from .store.async_writer import AsyncWriter
 from .store.resume import ResumePlan, plan_resume, resume_config
@@ -388,7 +388,8 @@ class CompassMonitor:
         for base, state, param in zip(self._spectral_bases, self._states, self._params):
             # W_t as the bf16 values the changed mask sees (fp32 masters rounded like the probe).
             current = param.detach().reshape(state.spec.shape).to(torch.bfloat16)
-            drift = spectral_drift(base, current)
+            # "perturb" (auto on large GPU matrices) flags drift beyond its validity; those are redone exactly.
+            drift = spectral_drift_checked(base, current)
             rows.append(torch.stack([drift.nss, drift.max_angle_left_deg, drift.max_angle_right_deg, drift.topk_energy_rel_change]).double())
         return torch.stack(rows).cpu().numpy()
 
