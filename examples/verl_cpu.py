@@ -45,6 +45,7 @@ _parser.add_argument("run_dir", nargs="?", default="runs/verl")
 _parser.add_argument("--model", help="a Hugging Face model directory (default: a tiny random Llama made here)")
 _parser.add_argument("--ckpt", help="checkpoint directory (default: <run_dir>-work/ckpt/actor)")
 _parser.add_argument("--phase", choices=("first", "resume"), help="run one phase only (default: both, in two processes)")
+_parser.add_argument("--read", choices=("auto", "module", "export"), default="auto", help="how the plugin reads the weights")
 _options = _parser.parse_args()
 RUN_DIR = _options.run_dir
 MODEL_DIR = _options.model or os.path.join(f"{RUN_DIR}-work", "model")
@@ -60,6 +61,7 @@ os.environ.update(
     MASTER_PORT="29511",
     COMPASS_MONITOR_RUN_DIR=RUN_DIR,
     COMPASS_MONITOR_CONFIG=json.dumps({"every_n_steps": 2, "principal_rank": 4}),
+    COMPASS_MONITOR_VERL_READ=_options.read,
 )
 
 import torch  # noqa: E402
@@ -136,7 +138,7 @@ def both_phases() -> None:
         tokenizer.save_pretrained(MODEL_DIR)
     Path(CKPT_DIR).mkdir(parents=True, exist_ok=True)
     for phase in ("first", "resume"):
-        command = [sys.executable, __file__, RUN_DIR, "--model", MODEL_DIR, "--ckpt", CKPT_DIR, "--phase", phase]
+        command = [sys.executable, __file__, RUN_DIR, "--model", MODEL_DIR, "--ckpt", CKPT_DIR, "--phase", phase, "--read", _options.read]
         subprocess.run(command, check=True)
 
 
@@ -191,6 +193,7 @@ def main() -> None:
             worker.save_checkpoint(CKPT_DIR, global_step=2)
     session = worker._compass_session
     seen["monitor_step"] = session.monitor.step
+    seen["monitor_class"] = type(session.monitor).__name__
     if PHASE == "resume":
         session.close()
         weights = {k: v.full_tensor().to(torch.bfloat16) for k, v in worker.engine.module.state_dict().items()}

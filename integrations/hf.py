@@ -18,8 +18,9 @@ scalars reach only ``trainer.state.log_history`` (a warning says so once).
 
 What it does, event by event:
 
-* ``on_train_begin``: refuses sharded models (FSDP, FSDP2 / DTensor, DeepSpeed
-  ZeRO-3); binds the parameters and takes the base W0 (a resumed run continues
+* ``on_train_begin``: refuses models sharded in a way the installed core
+  cannot measure (DeepSpeed ZeRO-3; FSDP / FSDP2 without the core's sharded
+  support); binds the parameters and takes the base W0 (a resumed run continues
   its run store instead); hooks the optimizer inside accelerate's wrapper
   (``kwargs["optimizer"].optimizer``) with ``register_step_post_hook``.
 * ``on_step_end`` (once per optimizer step, after gradient accumulation): one
@@ -33,7 +34,9 @@ What it does, event by event:
   resume_from_checkpoint=...)`` continues the same run store from there.
 * ``on_train_end``: the store is finalized.
 
-Only the world's process zero writes the store; every process counts steps and
+A whole model (one device, DDP) is monitored by the world's process zero only;
+a sharded one (FSDP, FSDP2) by a monitor on every process, which the core keeps
+in step with collectives (process zero writes). Every process counts steps and
 asks for the same logs, so the Trainer's collectives stay in step.
 """
 
@@ -52,7 +55,7 @@ from transformers.trainer_callback import ExportableState
 from compass_monitor import CompassMonitor, MonitorConfig
 
 from ._resume import create_or_resume, monitor_state, select_groups
-from ._sharding import UnsupportedShardingError, check_not_sharded
+from ._sharding import UnsupportedShardingError, core_supports_sharding, monitor_on_every_rank
 
 __all__ = ["CompassTrainerCallback", "UnsupportedShardingError", "watch"]
 
@@ -112,7 +115,7 @@ class CompassTrainerCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _check_args(args)
-        check_not_sharded(model, where="this Trainer's model")
+        every_rank = monitor_on_every_rank(model, where="this Trainer's model")
         resume = self._resume_from if self._resume_from is not None else self._stored_state(state)
         self._resume_from = None
         # transformers indexes stateful_callbacks by class name at every save; a checkpoint written without
@@ -126,7 +129,7 @@ class CompassTrainerCallback(TrainerCallback, ExportableState):
                 "compass_monitor.integrations.hf.watch(trainer, ...) to log them there.",
                 _reporters(args),
             )
-        if state.is_world_process_zero:
+        if state.is_world_process_zero or every_rank:
             metadata = {"framework": "transformers", "transformers": transformers.__version__, **(self.metadata or {})}
             self.monitor = create_or_resume(
                 model,
@@ -179,7 +182,7 @@ class CompassTrainerCallback(TrainerCallback, ExportableState):
             monitor.on_optimizer_step()
             if last:
                 monitor.snapshot()
-            if self.log_scalars and monitor.enabled and monitor.latest_step == self.step:
+            if self.log_scalars and state.is_world_process_zero and monitor.enabled and monitor.latest_step == self.step:
                 self._pending = select_groups(monitor.latest_scalars(prefix=self.prefix), self.log_groups)
         if due and self.log_scalars:
             control.should_log = True  # on every process: the Trainer's log gathers the loss across processes
@@ -240,11 +243,12 @@ def watch(
 
 
 def _check_args(args: Any) -> None:
-    if getattr(args, "fsdp", None):
+    if getattr(args, "fsdp", None) and not core_supports_sharding():
         raise UnsupportedShardingError(
             "compass-monitor cannot watch a Trainer set up for FSDP (TrainingArguments.fsdp): it shards parameters "
-            "across processes, and the core compares whole matrices on one process (sharded support is not in the "
-            "core yet). Train without FSDP (single device or DDP), or leave the callback out of this run."
+            "across processes, and this compass-monitor core compares whole matrices on one process (it has no "
+            "sharded support). Train without FSDP (single device or DDP), upgrade compass-monitor, or leave the "
+            "callback out of this run."
         )
 
 

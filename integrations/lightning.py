@@ -7,12 +7,14 @@ One line in an existing Lightning script::
 
 What it does, hook by hook:
 
-* ``setup``: refuses strategies that shard parameters (FSDP, FSDP2 /
-  ``ModelParallelStrategy``, DeepSpeed) before any work starts.
+* ``setup``: refuses DeepSpeed, and ``FSDPStrategy`` / ``ModelParallelStrategy``
+  (FSDP2) when the installed core has no sharded support, before any work starts.
 * ``on_train_start``: binds the parameters and takes the base W0 (weights are
   final here: restored from a checkpoint, and sharded, only after
-  ``on_fit_start``). On global rank 0 only; other ranks hold the same weights
-  under DDP and do nothing.
+  ``on_fit_start``). A whole model (one device, DDP) is monitored on global
+  rank 0 only: other ranks hold the same weights and do nothing. A sharded
+  model (FSDP, FSDP2) gets a monitor on every rank, which the core keeps in
+  step with collectives; rank 0 writes the store and logs.
 * ``on_train_batch_end``: one monitor step per training batch in which an
   optimizer really stepped: ``trainer.global_step`` advanced (so micro-batches
   of ``accumulate_grad_batches`` do not count, the pattern of Lightning's
@@ -43,13 +45,13 @@ from lightning.pytorch.callbacks import Callback
 from compass_monitor import CompassMonitor, MonitorConfig
 
 from ._resume import create_or_resume, monitor_state, select_groups
-from ._sharding import UnsupportedShardingError, check_not_sharded
+from ._sharding import UnsupportedShardingError, core_supports_sharding, monitor_on_every_rank
 
 __all__ = ["CompassCallback", "UnsupportedShardingError"]
 
 log = logging.getLogger(__name__)
 
-_SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+_FSDP_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 
 
 class CompassCallback(Callback):
@@ -69,7 +71,8 @@ class CompassCallback(Callback):
 
     Raises:
         UnsupportedShardingError: (at ``setup`` / ``on_train_start``) the
-            strategy shards parameters; sharded support is not in the core yet.
+            strategy shards parameters in a way the installed core cannot
+            monitor (DeepSpeed; FSDP / FSDP2 without the core's sharded support).
 
     Example::
 
@@ -109,17 +112,18 @@ class CompassCallback(Callback):
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDING_STRATEGIES:
+        if strategy.startswith("DeepSpeed") or (strategy in _FSDP_STRATEGIES and not core_supports_sharding()):
             raise UnsupportedShardingError(
                 f"CompassCallback cannot watch a model trained with {strategy}: it shards parameters across "
-                "processes, and compass-monitor's core compares whole matrices on one process (sharded support "
-                "is not in the core yet). Use a single device or DDPStrategy, or leave CompassCallback out of this run."
+                "processes in a way this compass-monitor core cannot measure (it reads FSDP1 and FSDP2 / DTensor "
+                "shards when it has sharded support). Use a single device, DDPStrategy or FSDP, or leave "
+                "CompassCallback out of this run."
             )
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        check_not_sharded(pl_module, where=f"Lightning {type(trainer.strategy).__name__}")
+        every_rank = monitor_on_every_rank(pl_module, where=f"Lightning {type(trainer.strategy).__name__}")
         self._last_global_step = trainer.global_step if self._resume_from is None else self._resume_from["last_global_step"]
-        if not trainer.is_global_zero:
+        if not (trainer.is_global_zero or every_rank):
             return
         self.monitor = create_or_resume(
             pl_module,
@@ -175,7 +179,7 @@ class CompassCallback(Callback):
 
     def _log(self, trainer: "pl.Trainer") -> None:
         monitor = self.monitor
-        if not self.log_scalars or monitor is None or monitor.latest_step in (None, self._logged_step):
+        if not self.log_scalars or not trainer.is_global_zero or monitor is None or monitor.latest_step in (None, self._logged_step):
             return
         scalars = select_groups(monitor.latest_scalars(prefix=self.prefix), self.log_groups)
         for logger in trainer.loggers:

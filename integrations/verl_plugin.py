@@ -8,6 +8,7 @@ training script or its config::
 
     export COMPASS_MONITOR_RUN_DIR=/data/runs/grpo-qwen     # activates the plugin
     export COMPASS_MONITOR_CONFIG='{"every_n_steps": 10}'   # optional MonitorConfig fields (JSON)
+    export COMPASS_MONITOR_VERL_READ=auto                   # optional: auto | module | export (see below)
     python -m verl.trainer.main_ppo ...                     # as before
 
 (On a multi-node Ray cluster, pass both variables to the workers through
@@ -27,14 +28,16 @@ finite gradients (or lets ``GradScaler`` skip).
   on every N-th it reads the weights and snapshots. After the update, the new
   snapshot's scalars join the update's metrics, so verl's own loggers (console,
   wandb, TensorBoard, ...) show them as ``actor/compass/...``.
-* The weights are read through ``engine.get_per_tensor_param_shard()``, each
-  rank's local bf16 shard with its ``ShardSpec``, placed with
-  ``verl.workers.engine.spec.derive_dtensor_placement``. The core measures
-  whole matrices on one process, so every monitored shard must be the whole
-  tensor: one training rank. An actor on several ranks (FSDP shards it) is
-  refused on every rank, without any collective, with a logged error, and the
-  plugin stays off for that run: sharded support (local shard + global
-  offset) is not in the core yet.
+* Reading the weights. With a core that has sharded support
+  (``compass_monitor.sharded_monitor``), the monitor is built on every rank
+  from ``engine.module`` (FSDP2 DTensor / FSDP1 shards: each rank measures its
+  local rows, the core combines them with collectives, rank 0 writes), so an
+  actor on any number of ranks is monitored. Without it, the weights are read
+  through ``engine.get_per_tensor_param_shard()``, each rank's local bf16 shard
+  with its ``ShardSpec``, placed with
+  ``verl.workers.engine.spec.derive_dtensor_placement``; each monitored shard
+  must then be the whole tensor (one training rank), and an actor on several
+  ranks is refused on every rank, without any collective, with a logged error.
 * ``TrainingWorker.save_checkpoint`` / ``load_checkpoint`` are wrapped: the
   monitor's state goes to ``<checkpoint>/compass_monitor.json``; a run resumed
   from that checkpoint continues the same run store.
@@ -61,7 +64,7 @@ from torch import nn
 from compass_monitor import CompassMonitor, MonitorConfig
 
 from ._resume import create_or_resume, monitor_state
-from ._sharding import UnsupportedShardingError
+from ._sharding import UnsupportedShardingError, core_supports_sharding
 
 __all__ = ["ENV_CONFIG", "ENV_RUN_DIR", "VerlSession", "build_proxy", "patch_training_worker", "whole_local_tensors"]
 
@@ -70,6 +73,7 @@ log = logging.getLogger("compass_monitor.verl")
 ENV_RUN_DIR = "COMPASS_MONITOR_RUN_DIR"
 ENV_CONFIG = "COMPASS_MONITOR_CONFIG"
 ENV_MODEL_TYPES = "COMPASS_MONITOR_MODEL_TYPES"  # comma-separated; default "language_model" (the actor)
+ENV_READ = "COMPASS_MONITOR_VERL_READ"  # "auto" (default), "module" (the core reads engine.module), "export"
 STATE_FILE = "compass_monitor.json"
 _TARGET = "verl.workers.engine_workers"
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -167,23 +171,36 @@ class VerlSession:
         self.engine = worker.engine
         self.every = config.every_n_steps
         self._reported: int | None = None
-        self._handle = None
+        self._params: dict[str, nn.Parameter] = {}
         module = getattr(self.engine, "module", None)
+        metadata = {"framework": "verl", "verl": _verl_version(), "model_type": worker.config.model_type}
+        read = os.environ.get(ENV_READ, "auto")
+        if read not in ("auto", "module", "export"):
+            raise ValueError(f"{ENV_READ} must be auto, module or export, got {read!r}")
+        if read == "module" or (read == "auto" and core_supports_sharding()):
+            # The core reads each rank's shards of the engine's module itself (one monitor per rank).
+            self.monitor: CompassMonitor = create_or_resume(
+                module, run_dir, config=config, run_name=None, metadata=metadata, state=resume
+            )
+        else:
+            self.monitor = self._monitor_through_export(module, run_dir, config, metadata, resume)
+        self._reported = self.monitor.latest_step
+        self.monitor.own_hook(self.engine.optimizer.register_step_post_hook(self._on_step))
+
+    def _monitor_through_export(
+        self, module: nn.Module, run_dir: str, config: MonitorConfig, metadata: dict[str, Any], resume: dict[str, Any] | None
+    ) -> CompassMonitor:
+        """A monitor over a proxy of whole tensors from ``engine.get_per_tensor_param_shard()`` (one rank)."""
         shards = self._export()
         probe = build_proxy(module, {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in shards.items()})
         from compass_monitor.selection import select_parameters
 
         self.names = [spec.name for spec, _ in select_parameters(probe, config)]
-        self.proxy = build_proxy(module, {n: shards[n] for n in self.names})
+        proxy = build_proxy(module, {n: shards[n] for n in self.names})
         del shards
-        metadata = {"framework": "verl", "verl": _verl_version(), "model_type": worker.config.model_type}
-        self.monitor: CompassMonitor = create_or_resume(
-            self.proxy, run_dir, config=config, run_name=None, metadata=metadata, state=resume
-        )
-        self._reported = self.monitor.latest_step
-        self._params = dict(self.proxy.named_parameters())
-        self._handle = self.engine.optimizer.register_step_post_hook(self._on_step)
-        self.monitor.own_hook(self._handle)
+        monitor = create_or_resume(proxy, run_dir, config=config, run_name=None, metadata=metadata, state=resume)
+        self._params = dict(proxy.named_parameters())
+        return monitor
 
     def _export(self, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
         generator, _ = self.engine.get_per_tensor_param_shard()
@@ -193,7 +210,7 @@ class VerlSession:
         monitor = self.monitor
         if not monitor.enabled:
             return
-        if (monitor.step + 1) % self.every == 0:
+        if self._params and (monitor.step + 1) % self.every == 0:  # the export path: read fresh weights first
             try:
                 fresh = self._export(set(self.names))
                 for name, param in self._params.items():
@@ -313,12 +330,15 @@ def _session(worker: Any) -> VerlSession | None:
         if settings is not None and getattr(worker.config, "model_type", None) in settings[2]:
             run_dir, config, _ = settings
             world = _world_size()
-            if world > 1:
+            reads_module = os.environ.get(ENV_READ, "auto") == "module" or (
+                os.environ.get(ENV_READ, "auto") == "auto" and core_supports_sharding()
+            )
+            if world > 1 and not reads_module:
                 # Decided without any collective, the same way on every rank.
                 raise UnsupportedShardingError(
                     f"compass-monitor cannot watch this verl actor: it trains on {world} ranks, which shard it "
-                    "(FSDP). The core compares whole matrices on one process; sharded support (local shard + "
-                    "global offset) is not in the core yet. Monitoring is off for this run."
+                    "(FSDP), and this compass-monitor core compares whole matrices on one process (it has no sharded "
+                    "support). Monitoring is off for this run."
                 )
             session = VerlSession(worker, run_dir=run_dir, config=config, resume=getattr(worker, "_compass_resume", None))
     except UnsupportedShardingError as exc:

@@ -20,6 +20,7 @@ from compass_monitor import MonitorConfig, open_run  # noqa: E402
 from compass_monitor.aggregates import by_module_type, everything_linear, group_stats, scalars  # noqa: E402
 from compass_monitor.integrations.hf import CompassTrainerCallback, UnsupportedShardingError, watch  # noqa: E402
 from compass_monitor.integrations._resume import core_supports_resume  # noqa: E402
+from compass_monitor.integrations._sharding import core_supports_sharding  # noqa: E402
 
 needs_resume = pytest.mark.skipif(not core_supports_resume(), reason="the core cannot continue a run store yet")
 CONFIG = MonitorConfig(every_n_steps=2, principal_rank=4)
@@ -138,36 +139,38 @@ def test_callback_in_trainer_arguments_and_skipped_steps(tmp_path):
     ]
 
 
+@pytest.mark.skipif(core_supports_sharding(), reason="this core monitors FSDP models")
 def test_refuses_fsdp_arguments(tmp_path):
     tokenizer = tiny_tokenizer()
     args = _args(tmp_path / "out", max_steps=1)
     trainer = Trainer(model=tiny_llama(tokenizer), args=args, train_dataset=_lm_dataset(tokenizer, 8))
     args.fsdp = "full_shard"  # what TrainingArguments(fsdp=...) leaves; building it for real needs a GPU
-    with pytest.raises(UnsupportedShardingError, match="FSDP.*sharded support is not in the core"):
+    with pytest.raises(UnsupportedShardingError, match="FSDP.*no sharded support"):
         watch(trainer, tmp_path / "run", config=CONFIG)
 
 
-def test_refuses_fsdp2_sharded_model(tmp_path):
-    """A model sharded with FSDP2 (DTensor parameters, CPU gloo group of one) is refused before training starts."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+def test_fsdp2_sharded_model(tmp_path):
+    """A model sharded with FSDP2 (DTensor parameters, CPU gloo group of one): monitored on every process when the
+    core has sharded support, refused before training starts otherwise. In its own process (tests/_hf_fsdp2_run.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(tokenizer)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        trainer = Trainer(model=model, args=_args(tmp_path / "out", max_steps=1), train_dataset=_lm_dataset(tokenizer, 8))
-        watch(trainer, tmp_path / "run", config=CONFIG)
-        with pytest.raises(UnsupportedShardingError, match="FSDP2"):
-            trainer.train()
-    finally:
-        dist.destroy_process_group()
-    assert not (tmp_path / "run").exists()
+    script = os.path.join(os.path.dirname(__file__), "_hf_fsdp2_run.py")
+    distributed = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in distributed}
+    out = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not core_supports_sharding():
+        assert "FSDP2" in result["refused"]
+        assert not (tmp_path / "run").exists()
+        return
+    assert open_run(tmp_path / "run").steps.tolist() == [2, 4]
+    logged = _logged_scalars(result["trained"])
+    for step, values in _store_scalars(tmp_path / "run").items():
+        assert [k for k, v in values.items() if not _same(logged[step][k], v)] == []
 
 
 def _reward(completions, answer, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,11 @@ from compass_monitor import MonitorConfig, open_run  # noqa: E402
 from compass_monitor.aggregates import by_module_type, everything_linear, group_stats, scalars  # noqa: E402
 from compass_monitor.integrations.lightning import CompassCallback, UnsupportedShardingError  # noqa: E402
 from compass_monitor.integrations._resume import core_supports_resume  # noqa: E402
+from compass_monitor.integrations._sharding import core_supports_sharding  # noqa: E402
 
 needs_resume = pytest.mark.skipif(not core_supports_resume(), reason="the core cannot continue a run store yet")
 CONFIG = MonitorConfig(every_n_steps=2, principal_rank=4)
+DISTRIBUTED_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class TinyBlock(L.LightningModule):
@@ -133,19 +136,45 @@ def test_several_optimizers_count_one_step_per_batch(tmp_path):
     assert open_run(tmp_path / "run").steps.tolist() == [2, 4, 5]  # five batches stepped; 5 is the closing snapshot
 
 
-def test_refuses_model_parallel_strategy(tmp_path):
+class FullyShardedBlock(TinyBlock):
+    """FSDP2 through Lightning's ModelParallelStrategy: ``fully_shard`` in ``configure_model``."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (self.q_proj, self.up_proj, self.down_proj):
+            fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+        fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+
+def test_model_parallel_strategy_fsdp2(tmp_path):
+    """ModelParallelStrategy (FSDP2, DTensor parameters) on a one-rank CPU gloo group: monitored on every rank
+    when the core has sharded support, refused before training otherwise."""
     import torch.distributed as dist
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     callback = CompassCallback(tmp_path / "run", config=CONFIG)
-    trainer = _trainer(tmp_path, callback, max_steps=2, strategy=ModelParallelStrategy(), logger=False)
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    trainer = _trainer(tmp_path, callback, max_steps=4, accumulate_grad_batches=2, strategy=strategy)
+    environment = dict(os.environ)  # the strategy sets MASTER_ADDR, RANK, WORLD_SIZE, ... for this process
     try:
-        with pytest.raises(UnsupportedShardingError, match="ModelParallelStrategy.*sharded support"):
-            trainer.fit(TinyBlock(), _loader())
+        if not core_supports_sharding():
+            with pytest.raises(UnsupportedShardingError, match="ModelParallelStrategy.*sharded support"):
+                trainer.fit(FullyShardedBlock(), _loader())
+            assert not (tmp_path / "run").exists()
+            return
+        model = FullyShardedBlock()
+        trainer.fit(model, _loader())
+        assert any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    assert not (tmp_path / "run").exists()
+        os.environ.clear()
+        os.environ.update(environment)
+    run = open_run(tmp_path / "run")
+    assert run.steps.tolist() == [2, 4]
+    assert run.status == "finished"
+    _assert_logged_equal_store(_logged(tmp_path / "logs" / "version_0" / "metrics.csv"), tmp_path / "run")
 
 
 class CrashAt(L.Callback):
@@ -209,3 +238,25 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     for index, step in ((2, 6), (3, 8)):
         for key, value in scalars(stats, index=index).items():
             assert logged[step][key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
+
+
+@pytest.mark.skipif(not core_supports_sharding(), reason="the core has no sharded support")
+def test_model_parallel_strategy_two_ranks(tmp_path):
+    """Two CPU ranks under ModelParallelStrategy (FSDP2 Shard(0)): a monitor on each rank, one store from rank 0,
+    whose masks are those of the whole matrices."""
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "_lightning_fsdp2_two_ranks.py")
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    out = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["monitor_step"] for r in ranks] == [6, 6]  # every rank counted the same optimizer steps
+    assert ranks[0]["local_shapes"]["up_proj.weight"] == [12, 12]  # each rank held half of the 24 rows
+    run = open_run(tmp_path / "run")
+    assert run.steps.tolist() == [2, 4, 6]
+    assert run.status == "finished"
+    assert [p.shape for p in run.params] == [(12, 12), (24, 12), (12, 24)]  # the global shapes
+    _assert_logged_equal_store(_logged(tmp_path / "logs" / "version_0" / "metrics.csv"), tmp_path / "run")

@@ -184,13 +184,15 @@ def test_a_sharded_actor_is_refused(tmp_path):
 
 
 @needs_verl
-def test_plugin_on_verls_fsdp_engine_with_checkpoint_resume(tmp_path):
+@pytest.mark.parametrize("read", ["auto", "export"])
+def test_plugin_on_verls_fsdp_engine_with_checkpoint_resume(tmp_path, read):
     """verl's real TrainingWorker + FSDP2 engine on the CPU (examples/verl_cpu.py), monitored by the plugin.
 
     Phase 1: three updates of two mini-batches (optimizer steps 1..6), a checkpoint after the second
     update (step 4), then the process exits without closing (a crash). Phase 2: a new process loads
     the checkpoint and runs two more updates (steps 5..8): the store drops the crashed run's step 6,
-    redoes it, and ends at step 8, measured against the original W0.
+    redoes it, and ends at step 8, measured against the original W0. ``read``: the plugin reads the weights
+    from the engine's module (the core's sharded path, where the core has it) or through verl's shard export.
     """
     import json
 
@@ -210,13 +212,18 @@ def test_plugin_on_verls_fsdp_engine_with_checkpoint_resume(tmp_path):
     for phase in ("first", "resume"):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPASS_MONITOR_", "VERL_"))}
         out = subprocess.run(
-            [sys.executable, script, str(run_dir), "--model", str(tmp_path / "model"), "--ckpt", str(ckpt), "--phase", phase],
+            [sys.executable, script, str(run_dir), "--model", str(tmp_path / "model"), "--ckpt", str(ckpt), "--phase", phase,
+             "--read", read],
             capture_output=True, text=True, env=env, timeout=600,
         )
         assert out.returncode == 0, out.stderr[-4000:]
         seen[phase] = json.loads(out.stdout.strip().splitlines()[-1])
         assert seen[phase]["patched"]
     assert seen["first"]["monitor_step"] == 6 and seen["resume"]["monitor_step"] == 8
+    from compass_monitor.integrations._sharding import core_supports_sharding
+
+    expected = "ShardedMonitor" if read == "auto" and core_supports_sharding() else "CompassMonitor"
+    assert seen["first"]["monitor_class"] == seen["resume"]["monitor_class"] == expected
     assert json.loads((ckpt / "compass_monitor.json").read_text())["step"] == 4
 
     run = open_run(run_dir)
