@@ -13,6 +13,7 @@ a tiny random Llama, SFT-style updates of two mini-batches each (two optimizer
 steps per update), a checkpoint, a crash, and a resume from the checkpoint::
 
     python examples/verl_cpu.py runs/verl          # needs verl 0.9 (its own environment: it pins transformers<5.11)
+    python examples/verl_cpu.py runs/verl2 --world-size 2   # FSDP2 shards the actor over two gloo ranks
     compass-monitor summary runs/verl
 
 verl 0.9 ships no CPU platform, so the script registers one (device "cpu",
@@ -46,6 +47,8 @@ _parser.add_argument("--model", help="a Hugging Face model directory (default: a
 _parser.add_argument("--ckpt", help="checkpoint directory (default: <run_dir>-work/ckpt/actor)")
 _parser.add_argument("--phase", choices=("first", "resume"), help="run one phase only (default: both, in two processes)")
 _parser.add_argument("--read", choices=("auto", "module", "export"), default="auto", help="how the plugin reads the weights")
+_parser.add_argument("--world-size", type=int, default=1, help="training ranks (FSDP2 shards the actor over them)")
+_parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
 _options = _parser.parse_args()
 RUN_DIR = _options.run_dir
 MODEL_DIR = _options.model or os.path.join(f"{RUN_DIR}-work", "model")
@@ -54,9 +57,9 @@ PHASE = _options.phase
 os.environ.update(
     VERL_PLATFORM="cpu",
     VERL_ENGINE_DEVICE="cuda",
-    RANK="0",
-    WORLD_SIZE="1",
-    LOCAL_RANK="0",
+    RANK=str(_options.rank),
+    WORLD_SIZE=str(_options.world_size),
+    LOCAL_RANK=str(_options.rank),
     MASTER_ADDR="127.0.0.1",
     MASTER_PORT="29511",
     COMPASS_MONITOR_RUN_DIR=RUN_DIR,
@@ -138,8 +141,11 @@ def both_phases() -> None:
         tokenizer.save_pretrained(MODEL_DIR)
     Path(CKPT_DIR).mkdir(parents=True, exist_ok=True)
     for phase in ("first", "resume"):
-        command = [sys.executable, __file__, RUN_DIR, "--model", MODEL_DIR, "--ckpt", CKPT_DIR, "--phase", phase, "--read", _options.read]
-        subprocess.run(command, check=True)
+        command = [sys.executable, __file__, RUN_DIR, "--model", MODEL_DIR, "--ckpt", CKPT_DIR, "--phase", phase,
+                   "--read", _options.read, "--world-size", str(_options.world_size)]
+        ranks = [subprocess.Popen([*command, "--rank", str(r)]) for r in range(_options.world_size)]
+        if any(p.wait() != 0 for p in ranks):
+            raise SystemExit(f"phase {phase} failed")
 
 
 def main() -> None:
@@ -150,7 +156,10 @@ def main() -> None:
     from verl.workers.engine_workers import TrainingWorker, TrainingWorkerConfig
     from verl.workers.utils.losses import sft_loss
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{CKPT_DIR}.pg-{PHASE}", rank=0, world_size=1)
+    rank, world_size = _options.rank, _options.world_size
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{CKPT_DIR}.pg-{PHASE}", rank=rank, world_size=world_size
+    )
     model_config = HFModelConfig(
         path=MODEL_DIR, use_remove_padding=False, enable_gradient_checkpointing=False,
         override_config={"attn_implementation": "sdpa"},
@@ -182,12 +191,12 @@ def main() -> None:
         }
         return tu.get_tensordict(tensor_dict=SFTTensorCollator(DatasetPadMode.NO_PADDING)(items), non_tensor_dict=meta)
 
-    seen = {"patched": bool(getattr(TrainingWorker, "_compass_patched", False)), "metrics": []}
+    seen = {"rank": rank, "patched": bool(getattr(TrainingWorker, "_compass_patched", False)), "metrics": []}
     updates = range(3) if PHASE == "first" else range(2, 4)
     if PHASE == "resume":
         worker.load_checkpoint(CKPT_DIR)
     for update in updates:
-        metrics = tu.get(worker.train_mini_batch(batch(update)), "metrics")
+        metrics = tu.get(worker.train_mini_batch(batch(update * world_size + rank)), "metrics")
         seen["metrics"].append({k: v for k, v in metrics.items() if k.startswith("compass/all_linear/")})
         if PHASE == "first" and update == 1:
             worker.save_checkpoint(CKPT_DIR, global_step=2)
@@ -195,12 +204,15 @@ def main() -> None:
     seen["monitor_step"] = session.monitor.step
     seen["monitor_class"] = type(session.monitor).__name__
     if PHASE == "resume":
-        session.close()
+        session.close()  # on every rank: the last steps' collectives
         weights = {k: v.full_tensor().to(torch.bfloat16) for k, v in worker.engine.module.state_dict().items()}
-        torch.save(weights, os.path.join(CKPT_DIR, "..", "final_bf16.pt"))
+        seen["local_rows"] = {k: v.to_local().shape[0] for k, v in worker.engine.module.state_dict().items() if v.dim() == 2}
+        if rank == 0:
+            torch.save(weights, os.path.join(CKPT_DIR, "..", "final_bf16.pt"))
     else:
         session.monitor.flush()  # what the writer had committed when the process died
     print(json.dumps(seen), flush=True)
+    torch.distributed.barrier()
     os._exit(0)  # no clean shutdown: the "first" phase leaves its store as a crash would
 
 

@@ -184,8 +184,8 @@ def test_a_sharded_actor_is_refused(tmp_path):
 
 
 @needs_verl
-@pytest.mark.parametrize("read", ["auto", "export"])
-def test_plugin_on_verls_fsdp_engine_with_checkpoint_resume(tmp_path, read):
+@pytest.mark.parametrize(("read", "world_size"), [("auto", 1), ("export", 1), ("auto", 2)])
+def test_plugin_on_verls_fsdp_engine_with_checkpoint_resume(tmp_path, read, world_size):
     """verl's real TrainingWorker + FSDP2 engine on the CPU (examples/verl_cpu.py), monitored by the plugin.
 
     Phase 1: three updates of two mini-batches (optimizer steps 1..6), a checkpoint after the second
@@ -193,7 +193,13 @@ def test_plugin_on_verls_fsdp_engine_with_checkpoint_resume(tmp_path, read):
     the checkpoint and runs two more updates (steps 5..8): the store drops the crashed run's step 6,
     redoes it, and ends at step 8, measured against the original W0. ``read``: the plugin reads the weights
     from the engine's module (the core's sharded path, where the core has it) or through verl's shard export.
+    ``world_size`` 2: FSDP2 shards the actor over two gloo ranks, one monitor per rank (needs the core's
+    sharded support).
     """
+    from compass_monitor.integrations._sharding import core_supports_sharding
+
+    if world_size > 1 and not core_supports_sharding():
+        pytest.skip("the core has no sharded support")
     import json
 
     from safetensors.torch import load_file
@@ -209,19 +215,24 @@ def test_plugin_on_verls_fsdp_engine_with_checkpoint_resume(tmp_path, read):
     run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt" / "actor"
     ckpt.mkdir(parents=True)
     seen = {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPASS_MONITOR_", "VERL_"))}
     for phase in ("first", "resume"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPASS_MONITOR_", "VERL_"))}
-        out = subprocess.run(
-            [sys.executable, script, str(run_dir), "--model", str(tmp_path / "model"), "--ckpt", str(ckpt), "--phase", phase,
-             "--read", read],
-            capture_output=True, text=True, env=env, timeout=600,
-        )
-        assert out.returncode == 0, out.stderr[-4000:]
-        seen[phase] = json.loads(out.stdout.strip().splitlines()[-1])
-        assert seen[phase]["patched"]
+        command = [sys.executable, script, str(run_dir), "--model", str(tmp_path / "model"), "--ckpt", str(ckpt),
+                   "--phase", phase, "--read", read, "--world-size", str(world_size)]
+        ranks = [
+            subprocess.Popen([*command, "--rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for r in range(world_size)
+        ]
+        outputs = [p.communicate(timeout=600) for p in ranks]
+        for p, (stdout, stderr) in zip(ranks, outputs):
+            assert p.returncode == 0, stderr[-4000:]
+        per_rank = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+        assert all(r["patched"] for r in per_rank)
+        assert len({json.dumps(r["metrics"]) for r in per_rank}) == 1  # every rank saw the same snapshots
+        seen[phase] = per_rank[0]
+    if world_size > 1:
+        assert seen["resume"]["local_rows"]["model.layers.0.mlp.up_proj.weight"] == 64 // world_size  # really sharded
     assert seen["first"]["monitor_step"] == 6 and seen["resume"]["monitor_step"] == 8
-    from compass_monitor.integrations._sharding import core_supports_sharding
-
     expected = "ShardedMonitor" if read == "auto" and core_supports_sharding() else "CompassMonitor"
     assert seen["first"]["monitor_class"] == seen["resume"]["monitor_class"] == expected
     assert json.loads((ckpt / "compass_monitor.json").read_text())["step"] == 4
