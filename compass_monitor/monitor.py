@@ -440,6 +440,11 @@ class CompassMonitor:
         if not self.enabled:
             return
         self._detach()
+        self._finish_store()
+        self.enabled = False
+
+    def _finish_store(self) -> None:
+        """Finalize the store as ``finished``; if that fails, log it and mark the store ``disabled``."""
         self.writer.close("finished")
         if self.writer.error is not None:
             reason = f"finalize failed ({self.writer.error_context}): {type(self.writer.error).__name__}: {self.writer.error}"
@@ -449,7 +454,6 @@ class CompassMonitor:
                 self.writer.writer.mark("disabled", reason=reason)
             except Exception as exc:  # noqa: BLE001
                 log.error("compass-monitor: could not mark the run store disabled: %s", exc)
-        self.enabled = False
 
     def __enter__(self) -> "CompassMonitor":
         return self

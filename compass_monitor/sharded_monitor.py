@@ -303,15 +303,7 @@ class ShardedMonitor(CompassMonitor):
             self.writer.abort("disabled", reason=reason, step=self.step)
             log.error("compass-monitor: %s; the run store keeps the %d committed snapshots", reason, self.writer.num_snapshots)
             return
-        self.writer.close("finished")
-        if self.writer.error is not None:
-            reason = f"finalize failed ({self.writer.error_context}): {type(self.writer.error).__name__}: {self.writer.error}"
-            self.disabled_reason = reason
-            log.error("compass-monitor: %s; the run store keeps the %d committed snapshots", reason, self.writer.num_snapshots)
-            try:
-                self.writer.writer.mark("disabled", reason=reason)
-            except Exception as exc:  # noqa: BLE001
-                log.error("compass-monitor: could not mark the run store disabled: %s", exc)
+        self._finish_store()
 
     # -- checkpoints ------------------------------------------------------------------------
     def load_state_dict(self, state: dict[str, Any]) -> None:
