@@ -93,3 +93,36 @@ def test_reader_polls_while_writer_appends(tmp_path, rng):
     run.refresh()
     assert run.status == "finished" and check(run, stream, rng) == SNAPSHOTS
     assert polls >= MIN_POLLS and fresh >= 20 and len(set(seen)) >= 20, (polls, fresh, len(set(seen)))
+
+
+def test_every_metadata_write_describes_a_complete_group(tmp_path, monkeypatch):
+    """A reader can open zarr.json at any moment of creation: each version written must be complete.
+
+    (zarr's ``attrs.update`` rewrites zarr.json once per key; a reader polling a
+    run being created once saw ``format`` without ``schema_version``.)
+    """
+    import json
+
+    import zarr.storage
+
+    from compass_monitor.store import RunWriter, schema
+    from store_stream import specs
+
+    writes: list[tuple[str, dict]] = []
+    original = zarr.storage.LocalStore.set
+
+    async def recording_set(self, key, value):
+        if key.endswith("zarr.json"):
+            writes.append((key, json.loads(value.to_bytes())))
+        return await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", recording_set)
+    RunWriter.create(tmp_path / "run", params=specs(), attributes={"run": {"name": "x"}}, key_interval=3).finalize()
+    root = [meta["attributes"] for key, meta in writes if key == "zarr.json"]
+    assert root, "no root metadata write was seen: the recorder no longer intercepts zarr's writes"
+    for attributes in root:
+        assert attributes.get("format") == schema.FORMAT_NAME and attributes.get("schema_version") == schema.SCHEMA_VERSION
+        assert attributes.get("params") and attributes.get("run") == {"name": "x"}
+    previews = [meta for key, meta in writes if key.startswith(schema.PREVIEW_PREFIX + "/")]
+    assert len(previews) >= len(specs())
+    assert all("row_edges" in meta["attributes"] and "col_edges" in meta["attributes"] for meta in previews)

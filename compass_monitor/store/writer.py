@@ -158,35 +158,39 @@ class RunWriter:
         root = Path(path)
         check_target_free(root)
         root.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(store=str(root), mode="w-", zarr_format=3)
-        group.attrs.update(
-            {
-                "format": schema.FORMAT_NAME,
-                "schema_version": schema.SCHEMA_VERSION,
-                "params": [
-                    {
-                        "id": schema.param_id(i),
-                        "name": p.name,
-                        "role": p.role,
-                        "module_type": p.module_type,
-                        "layer": p.layer,
-                        "shape": list(p.shape),
-                    }
-                    for i, p in enumerate(params)
-                ],
-                "storage": {"key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS},
-                **attributes,
-            }
-        )
+        # All attributes in the group's first metadata write: zarr's ``attrs.update``
+        # rewrites zarr.json once per key, and a reader polling a run being created
+        # would see a half-described group (format but no schema_version).
+        group_attributes = {
+            "format": schema.FORMAT_NAME,
+            "schema_version": schema.SCHEMA_VERSION,
+            "params": [
+                {
+                    "id": schema.param_id(i),
+                    "name": p.name,
+                    "role": p.role,
+                    "module_type": p.module_type,
+                    "layer": p.layer,
+                    "shape": list(p.shape),
+                }
+                for i, p in enumerate(params)
+            ],
+            "storage": {"key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS},
+            **attributes,
+        }
+        group = zarr.open_group(store=str(root), mode="w-", zarr_format=3, attributes=group_attributes)
         writer = cls(root, group, [p.shape for p in params], key_interval=key_interval)
         writer._event("created")
         writer._create_arrays()
         writer._commit()
         return writer
 
-    def _array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any, fill: Any = 0) -> zarr.Array:
+    def _array(
+        self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any, fill: Any = 0,
+        attributes: dict[str, Any] | None = None,
+    ) -> zarr.Array:
         return self._group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, compressors=_ZSTD, fill_value=fill
+            name, shape=shape, chunks=chunks, dtype=dtype, compressors=_ZSTD, fill_value=fill, attributes=attributes
         )
 
     def _create_arrays(self) -> None:
@@ -208,8 +212,10 @@ class RunWriter:
             self._array(f"{schema.ROWS_PREFIX}/{pid}", (t, m), (1, m), "int32")
             self._array(f"{schema.COLS_PREFIX}/{pid}", (t, n), (1, n), "int32")
             rows, cols = codec.preview_edges(m, n, schema.PREVIEW_MAX_BLOCKS)
-            preview = self._array(f"{schema.PREVIEW_PREFIX}/{pid}", (t, rows.size - 1, cols.size - 1), (1, rows.size - 1, cols.size - 1), "int32")
-            preview.attrs.update({"row_edges": rows.tolist(), "col_edges": cols.tolist()})
+            self._array(
+                f"{schema.PREVIEW_PREFIX}/{pid}", (t, rows.size - 1, cols.size - 1), (1, rows.size - 1, cols.size - 1), "int32",
+                attributes={"row_edges": rows.tolist(), "col_edges": cols.tolist()},
+            )
         self._open_handles()
         del steps, times, counts, null, frames
 
