@@ -32,7 +32,8 @@ host has spare cores), snapshots every ``--every`` steps. Modes: no monitor;
 the monitor with a writer that discards everything (the measurement pass
 alone); the monitor with the background writer (queue 2, block) on a
 simulated slow disk (each file write waits ``--disk-latency`` + size /
-``--disk-mbps``, one file at a time, in zarr's I/O loop); and the monitor
+``--disk-mbps``, one file at a time, in zarr's I/O loop or in the
+writer thread for the per-snapshot rows); and the monitor
 writing synchronously (``writer_queue=0``) on the same slow disk. The modes are
 interleaved: each round runs one snapshot interval of every mode (the
 snapshot step first, then the plain steps during which a background writer
@@ -55,6 +56,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -307,6 +309,7 @@ def bench_e2e(args, workdir: Path) -> dict:
 
     from compass_monitor import CompassMonitor, MonitorConfig
     from compass_monitor.integrations.pytorch import attach_optimizer
+    from compass_monitor.store.row_chunks import RowChunks
     from compass_monitor.store.writer import RunWriter
 
     torch.set_num_threads(args.torch_threads)  # default 1: one core trains, one is left for the writer thread
@@ -339,6 +342,19 @@ def bench_e2e(args, workdir: Path) -> dict:
         return await original_set(self, key, value)
 
     LocalStore.set = slow_set
+    # The per-snapshot rows bypass LocalStore.set (store/row_chunks.py); the same serial device slows them.
+    original_file = RowChunks._store_file
+    device = threading.Lock()
+
+    def slow_file(path, payload):
+        if any(str(path).startswith(root) for root in slow["on"]):
+            with device:
+                slow["files"] += 1
+                slow["bytes"] += len(payload)
+                time.sleep(args.disk_latency + len(payload) / (args.disk_mbps * 1e6))
+        return original_file(path, payload)
+
+    RowChunks._store_file = staticmethod(slow_file)
     original_append = RunWriter.append
 
     def discarding_append(self, record):
@@ -409,6 +425,7 @@ def bench_e2e(args, workdir: Path) -> dict:
             monitor.close()
             setups[mode]["snapshots"] = monitor.writer.num_snapshots
     LocalStore.set = original_set
+    RowChunks._store_file = staticmethod(original_file)
     RunWriter.append = original_append
     base_dir = workdir / "e2e_2" / "base" / "weights"
     weights = sum(m * n for _, (m, n) in LAYER)

@@ -21,6 +21,7 @@ from compass_monitor import CompassMonitor, MonitorConfig, open_run
 from compass_monitor.cli import main
 from compass_monitor.integrations.pytorch import attach_optimizer
 from compass_monitor.store import AsyncWriter, RunWriter
+from compass_monitor.store.row_chunks import RowChunks
 from store_stream import masks, record, specs, write_base
 
 
@@ -62,15 +63,24 @@ def train(tmp_path, config, steps, *, monitored=True):
 
 @pytest.fixture
 def slow_disk(monkeypatch):
-    """Every file the zarr store writes takes ``delay`` seconds more (a slow disk, in the writer thread only)."""
-    original = LocalStore.set
-    state = {"delay": 0.005}
+    """Every file the store writes takes ``delay`` seconds more (a slow disk, in the writer thread only).
+
+    Files go through zarr's ``LocalStore.set`` (metadata, base) or ``RowChunks`` (per-snapshot rows).
+    """
+    original, original_file = LocalStore.set, RowChunks._store_file
+    state = {"delay": 0.005, "row_files": 0}
 
     async def slow_set(self, key, value):
         await asyncio.sleep(state["delay"])
         return await original(self, key, value)
 
+    def slow_file(path, payload):
+        time.sleep(state["delay"])
+        state["row_files"] += 1
+        return original_file(path, payload)
+
     monkeypatch.setattr(LocalStore, "set", slow_set)
+    monkeypatch.setattr(RowChunks, "_store_file", staticmethod(slow_file))
     return state
 
 
@@ -110,20 +120,30 @@ def test_block_policy_stores_every_snapshot(tmp_path, slow_disk):
     monitor.close()
     run = open_run(tmp_path / "run")
     assert run.steps.tolist() == list(range(1, 9)) and run.gaps == []
+    assert slow_disk["row_files"] >= 8 * len(run.params)  # the slow disk did slow the snapshot rows
     check_masks_and_flips(run, base, after)
 
 
 def test_disk_full_in_writer_thread_disables_monitor_training_finishes(tmp_path, monkeypatch, caplog):
-    """ENOSPC from the zarr store under the writer thread, from the 5th snapshot on: training is untouched."""
-    original = LocalStore.set
+    """ENOSPC from the store under the writer thread, from the 5th snapshot on: training is untouched."""
+    original, original_file = LocalStore.set, RowChunks._store_file
+
+    def full(key: str) -> bool:
+        match = re.search(r"/c/(\d+)", key)
+        return bool(match) and int(match.group(1)) >= 4 and not key.startswith("base/") and "reference" not in key
 
     async def disk_full_from_snapshot_4(self, key, value):
-        match = re.search(r"/c/(\d+)", key)
-        if match and int(match.group(1)) >= 4 and not key.startswith("base/") and "reference" not in key:
+        if full(key):
             raise OSError(errno.ENOSPC, "No space left on device", key)
         return await original(self, key, value)
 
+    def disk_full_file(path, payload):
+        if full(path.relative_to(tmp_path / "run").as_posix()):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original_file(path, payload)
+
     monkeypatch.setattr(LocalStore, "set", disk_full_from_snapshot_4)
+    monkeypatch.setattr(RowChunks, "_store_file", staticmethod(disk_full_file))
     config = MonitorConfig(every_n_steps=1, principal_rank=2, key_interval=2)
     with caplog.at_level(logging.ERROR, logger="compass_monitor"):
         model, monitor, base, after = train(tmp_path, config, 10)

@@ -72,8 +72,15 @@ WORKER = textwrap.dedent(
             w.append(record(10 * (keep + j + 1) + 5, second[j], second[j - 1] if j else first[keep - 1])); log()
         w.finalize(); log()
 
-    base, trials, seed, horizon = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    base, trials, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rng = random.Random(seed)
+    # Kill moments are drawn over one whole life as long as it takes on this machine (timed once,
+    # unkilled), so that kills land in every phase however fast the writer is.
+    read, write = os.pipe()
+    start = time.perf_counter()
+    life(os.path.join(base, "timing"), 0, write)
+    os.close(read); os.close(write)
+    horizon = 1.1 * (time.perf_counter() - start)
     results = []
     for trial in range(trials):
         path = os.path.join(base, f"t{{trial:02d}}")
@@ -115,7 +122,7 @@ def test_kill_9_at_random_moments(tmp_path, rng):
     tests_dir = str(Path(__file__).parent)
     seed = int(rng.integers(1 << 30))
     out = subprocess.run(
-        [sys.executable, "-c", WORKER.format(tests=tests_dir), str(tmp_path), str(TRIALS), str(seed), "0.9"],
+        [sys.executable, "-c", WORKER.format(tests=tests_dir), str(tmp_path), str(TRIALS), str(seed)],
         capture_output=True,
         text=True,
         timeout=240,

@@ -6,7 +6,8 @@ reader opens it. Masks are stored as frames (``codec``): a key frame every
 between, each as the smaller of packed bits and Rice-coded positions. Arrays
 that grow along time are over-allocated geometrically (fewer metadata
 rewrites) and trimmed at ``finalize``; every file is replaced atomically
-(zarr's ``LocalStore`` writes a temporary file and renames it), and the commit
+(zarr's ``LocalStore`` writes a temporary file and renames it, and so does
+``row_chunks``, which writes the per-snapshot rows), and the commit
 file, written last, says how many snapshots are complete. A reader that trusts
 only the commit file never sees a half-written snapshot; a writer killed at any
 moment leaves every committed snapshot intact.
@@ -17,7 +18,6 @@ runs it on a background thread for the monitor).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -32,9 +32,9 @@ from typing import Any, Protocol
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
-from zarr.core.sync import sync
 
 from . import codec, schema
+from .row_chunks import RowChunks
 
 __all__ = ["RunWriter", "SnapshotRecord", "check_target_free", "DEFAULT_KEY_INTERVAL"]
 
@@ -242,6 +242,13 @@ class RunWriter:
             self._reference.append(g[f"{schema.REFERENCE_PREFIX}/{pid}"])
             attrs = arrays[3].attrs
             self._edges.append((np.asarray(attrs["row_edges"], dtype=np.int64), np.asarray(attrs["col_edges"], dtype=np.int64)))
+        self._row_chunks = [tuple(RowChunks(a) for a in arrays) for arrays in self._per_param]
+        self._run_rows = {
+            "steps": RowChunks(self._steps), "times": RowChunks(self._times), "counts": RowChunks(self._counts),
+            "null": RowChunks(self._null), "frames": RowChunks(self._frames),
+        }
+        if self._spectral is not None:
+            self._run_rows["spectral"] = RowChunks(self._spectral)
         self._capacity = min(int(a.shape[0]) for a in self._growing)
 
     def write_base(
@@ -374,9 +381,10 @@ class RunWriter:
         self._grow_to(t + 1)
         key = self.is_key(t)
         headers = np.zeros((len(self._shapes), len(schema.FRAME_FIELDS)), dtype=np.int64)
-        writes: list[tuple[zarr.Array, Any]] = []
+        writes: list[tuple[RowChunks, Any]] = []
         for i, ((m, n), arrays, packed, row, col) in enumerate(zip(self._shapes, self._per_param, record.packed, record.rows, record.cols)):
-            changed, rows, cols, preview = arrays
+            changed = arrays[0]
+            changed_rows, rows, cols, preview = self._row_chunks[i]
             numel = m * n
             packed = np.asarray(packed, dtype=np.uint8)
             if packed.size != changed.shape[1]:
@@ -388,21 +396,21 @@ class RunWriter:
             buffer[0, : frame.payload.size] = frame.payload
             edges = self._edges[i]
             writes += [
-                (changed, buffer),
+                (changed_rows, buffer),
                 (rows, np.asarray(row, dtype=np.int32).reshape(1, m)),
                 (cols, np.asarray(col, dtype=np.int32).reshape(1, n)),
                 (preview, codec.preview_counts(packed, (m, n), edges[0], edges[1])[None]),
             ]
         writes += [
-            (self._frames, headers[None]),
-            (self._counts, np.asarray(record.counts, dtype=np.int64)[None]),
-            (self._null, np.asarray(record.null_overlap, dtype=np.float64)[None]),
-            (self._times, np.array([record.wall_time], dtype=np.float64)),
-            (self._steps, np.array([record.step], dtype=np.int64)),
+            (self._run_rows["frames"], headers[None]),
+            (self._run_rows["counts"], np.asarray(record.counts, dtype=np.int64)[None]),
+            (self._run_rows["null"], np.asarray(record.null_overlap, dtype=np.float64)[None]),
+            (self._run_rows["times"], np.array([record.wall_time], dtype=np.float64)),
+            (self._run_rows["steps"], np.array([record.step], dtype=np.int64)),
         ]
         if self._spectral is not None:
             spectral = np.full(self._spectral.shape[1:], np.nan) if record.spectral is None else record.spectral
-            writes.append((self._spectral, np.asarray(spectral, dtype=np.float64)[None]))
+            writes.append((self._run_rows["spectral"], np.asarray(spectral, dtype=np.float64)[None]))
         self._write_rows(t, writes)
         self._count = t + 1
         self._last_step = int(record.step)
@@ -411,13 +419,10 @@ class RunWriter:
         self.previous_packed = [np.asarray(p, dtype=np.uint8) for p in record.packed]
 
     @staticmethod
-    def _write_rows(t: int, writes: list[tuple[zarr.Array, Any]]) -> None:
-        """Write row t of several arrays at once (one round trip to zarr's event loop, concurrent I/O)."""
-
-        async def write_all() -> None:
-            await asyncio.gather(*(array.async_array.setitem(slice(t, t + 1), value) for array, value in writes))
-
-        sync(write_all())
+    def _write_rows(t: int, writes: list[tuple[RowChunks, Any]]) -> None:
+        """Write row t of several arrays (one chunk each; see ``row_chunks`` for why not zarr's setitem)."""
+        for rows, value in writes:
+            rows.write(t, value)
 
     def note_gap(self, step: int) -> None:
         """Record that the snapshot of ``step`` was not stored (the writer's queue was full).

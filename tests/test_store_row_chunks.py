@@ -1,0 +1,67 @@
+"""RowChunks writes the same chunk files zarr's own setitem writes, and falls back where it cannot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from compass_monitor.store.row_chunks import RowChunks
+
+
+def _chunk_files(root, name):
+    folder = root / name / "c"
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "row_shape", "fill"),
+    [("uint8", (37,), 0), ("int32", (5,), 0), ("int64", (3, 4), -1), ("float64", (2, 6), float("nan")), ("int32", (1, 1, 7), 0)],
+)
+def test_direct_rows_equal_zarr_setitem_bytes(tmp_path, rng, dtype, row_shape, fill):
+    group = zarr.open_group(str(tmp_path), mode="w-", zarr_format=3)
+    shape, chunks = (6, *row_shape), (1, *row_shape)
+    ours = group.create_array("ours", shape=shape, chunks=chunks, dtype=dtype, compressors=ZstdCodec(level=1), fill_value=fill)
+    theirs = group.create_array("theirs", shape=shape, chunks=chunks, dtype=dtype, compressors=ZstdCodec(level=1), fill_value=fill)
+    rows = RowChunks(ours)
+    assert rows.direct
+    values = (rng.standard_normal(shape) * 1000).astype(dtype)
+    if np.issubdtype(np.dtype(dtype), np.floating):
+        values.flat[::5] = np.nan
+        values.flat[1::7] = -0.0
+        values.flat[2::11] = np.inf
+    for t in rng.permutation(shape[0]):
+        rows.write(int(t), values[t][None])
+        theirs[t : t + 1] = values[t][None]
+    assert _chunk_files(tmp_path, "ours") == _chunk_files(tmp_path, "theirs")  # byte for byte
+    reopened = zarr.open_array(str(tmp_path / "ours"), mode="r")
+    np.testing.assert_array_equal(reopened[:], values)  # NaN positions equal too
+    with pytest.raises(IndexError, match="outside"):
+        rows.write(shape[0], values[0])
+
+
+def test_after_resize_rows_land_in_the_grown_array(tmp_path, rng):
+    group = zarr.open_group(str(tmp_path), mode="w-", zarr_format=3)
+    array = group.create_array("a", shape=(2, 9), chunks=(1, 9), dtype="int32", compressors=ZstdCodec(level=1))
+    rows = RowChunks(array)
+    array.resize((5, 9))
+    values = rng.integers(-50, 50, (5, 9)).astype("int32")
+    for t in range(5):
+        rows.write(t, values[t])
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a"), mode="r")[:], values)
+
+
+@pytest.mark.parametrize("case", ["multi-row chunks", "other codec"])
+def test_other_layouts_fall_back_to_zarr(tmp_path, rng, case):
+    group = zarr.open_group(str(tmp_path), mode="w-", zarr_format=3)
+    if case == "multi-row chunks":
+        array = group.create_array("a", shape=(8, 4), chunks=(4, 4), dtype="int64", compressors=ZstdCodec(level=1))
+    else:
+        array = group.create_array("a", shape=(8, 4), chunks=(1, 4), dtype="int64", compressors=BloscCodec())
+    rows = RowChunks(array)
+    assert not rows.direct
+    values = rng.integers(0, 9, (8, 4))
+    for t in range(8):
+        rows.write(t, values[t])
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a"), mode="r")[:], values)
