@@ -103,6 +103,10 @@ def null_overlaps(counts: np.ndarray, changed: np.ndarray) -> np.ndarray:
         raise ValueError(f"counts must be (P, 1+X, {NUM_CLASSES}) matching changed (P,), got {counts.shape} and {changed.shape}")
     up, down = class_half_gaps()
     finite = counts[:, 0, :] * (up > 0)
+    # Only classes that hold weights contribute (a trained matrix uses a few dozen of
+    # the 512): evaluating the others, at n_c = 0, was 90% of a snapshot's CPU time.
+    used = np.flatnonzero((finite > 0).any(axis=0))
+    up, down, finite, counts = up[used], down[used], finite[:, used], counts[:, :, used]
     target = np.minimum(changed, finite.sum(axis=1))
     lo = np.full(changed.shape, _LOG2_LO)
     hi = np.full(changed.shape, _LOG2_HI)

@@ -129,7 +129,7 @@ def test_disk_full_in_writer_thread_disables_monitor_training_finishes(tmp_path,
     original, original_file = LocalStore.set, RowChunks._store_file
 
     def full(key: str) -> bool:
-        match = re.search(r"/c/(\d+)", key)
+        match = re.search(r"/c[./](\d+)", key)
         return bool(match) and int(match.group(1)) >= 4 and not key.startswith("base/") and "reference" not in key
 
     async def disk_full_from_snapshot_4(self, key, value):

@@ -189,8 +189,10 @@ class RunWriter:
         self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any, fill: Any = 0,
         attributes: dict[str, Any] | None = None,
     ) -> zarr.Array:
+        # "c.t.0" chunk keys: one flat folder per array, so a snapshot creates files, not folders.
         return self._group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, compressors=_ZSTD, fill_value=fill, attributes=attributes
+            name, shape=shape, chunks=chunks, dtype=dtype, compressors=_ZSTD, fill_value=fill, attributes=attributes,
+            chunk_key_encoding={"name": "default", "separator": "."},
         )
 
     def _create_arrays(self) -> None:
