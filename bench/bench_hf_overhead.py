@@ -30,7 +30,7 @@ step time / (step time - time the training thread spent inside the monitor's
 callbacks), and the CPU time of the store's writer thread per step, which runs
 beside training and competes with it for cores.
 
-Usage: python bench/bench_hf_overhead.py [--steps 15] [--pairs 7] [--every 1 10]
+Usage: python bench/bench_hf_overhead.py [--steps 20] [--pairs 7] [--every 1 10] [--batch 8] [--torch-threads N] [--out FILE]
 Writes bench/results/hf_overhead_cpu.json.
 """
 
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from compass_monitor import MonitorConfig
 from compass_monitor.integrations.hf import watch
@@ -99,11 +99,11 @@ def build_model(state: dict[str, torch.Tensor] | None = None) -> LlamaForCausalL
     return model
 
 
-def run_once(workdir: Path, state, data, *, steps: int, monitored: bool, every: int) -> dict[str, float]:
+def run_once(workdir: Path, state, data, *, steps: int, monitored: bool, every: int, batch: int) -> dict[str, float]:
     args = TrainingArguments(
         output_dir=str(workdir / "out"),
         max_steps=steps,
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=batch,
         learning_rate=1e-4,
         logging_steps=10_000,
         save_strategy="no",
@@ -115,6 +115,9 @@ def run_once(workdir: Path, state, data, *, steps: int, monitored: bool, every: 
     )
     clock = StepClock()
     trainer = Trainer(model=build_model(state), args=args, train_dataset=data, callbacks=[clock])
+    # Both arms: no console echo of each logs dict (with every_n_steps=1 the monitored arm logs every
+    # step, ~100 scalars; what that costs depends on the user's loggers, not on the monitor).
+    trainer.remove_callback(PrinterCallback)
     spent = {"on_step_end": [], "on_log": [0.0]}
     writer_cpu = [0.0]
     if monitored:
@@ -242,12 +245,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--every", type=int, nargs="+", default=[1, 10], help="snapshot cadences to measure (optimizer steps)")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"sequences of {SEQ} tokens per optimizer step")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's, all cores)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hf_overhead_cpu.json")
     options = parser.parse_args()
 
     transformers.logging.set_verbosity_error()
+    if options.torch_threads:
+        torch.set_num_threads(options.torch_threads)
     state = {k: v.clone() for k, v in build_model().state_dict().items()}
-    data = TokenData(options.steps * BATCH)
+    data = TokenData(options.steps * options.batch)
     linear = sum(p.numel() for n, p in build_model().named_parameters() if p.dim() == 2 and "proj" in n)
     load_before = list(os.getloadavg())
     by_cadence: dict[int, list[dict]] = {every: [] for every in options.every}
@@ -257,7 +264,7 @@ def main() -> None:
                 results = {}
                 for monitored in ((False, True) if i % 2 == 0 else (True, False)):  # alternate which runs first
                     workdir = Path(tmp) / f"{i}-{every}-{monitored}"
-                    results[monitored] = run_once(workdir, state, data, steps=options.steps, monitored=monitored, every=every)
+                    results[monitored] = run_once(workdir, state, data, steps=options.steps, monitored=monitored, every=every, batch=options.batch)
                     shutil.rmtree(workdir, ignore_errors=True)
                 pair = {
                     "plain": results[False],
@@ -292,7 +299,7 @@ def main() -> None:
         "machine": machine(),
         "model": f"LlamaForCausalLM, {LAYERS} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, vocab {VOCAB}, random init",
         "monitored_linear_weights": linear,
-        "batch": f"{BATCH} x {SEQ} tokens, AdamW, fp32",
+        "batch": f"{options.batch} x {SEQ} tokens, AdamW, fp32",
         "steps_per_run": options.steps,
         "warmup_steps_excluded": WARMUP,
         "load_average_before_after": [load_before, list(os.getloadavg())],
