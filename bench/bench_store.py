@@ -346,13 +346,13 @@ def bench_e2e(args, workdir: Path) -> dict:
     original_file = RowChunks._store_file
     device = threading.Lock()
 
-    def slow_file(path, payload):
+    def slow_file(path, payload, pid=0):
         if any(str(path).startswith(root) for root in slow["on"]):
             with device:
                 slow["files"] += 1
                 slow["bytes"] += len(payload)
                 time.sleep(args.disk_latency + len(payload) / (args.disk_mbps * 1e6))
-        return original_file(path, payload)
+        return original_file(path, payload, pid)
 
     RowChunks._store_file = staticmethod(slow_file)
     original_append = RunWriter.append

@@ -74,10 +74,10 @@ def slow_disk(monkeypatch):
         await asyncio.sleep(state["delay"])
         return await original(self, key, value)
 
-    def slow_file(path, payload):
+    def slow_file(path, payload, pid=0):
         time.sleep(state["delay"])
         state["row_files"] += 1
-        return original_file(path, payload)
+        return original_file(path, payload, pid)
 
     monkeypatch.setattr(LocalStore, "set", slow_set)
     monkeypatch.setattr(RowChunks, "_store_file", staticmethod(slow_file))
@@ -137,10 +137,10 @@ def test_disk_full_in_writer_thread_disables_monitor_training_finishes(tmp_path,
             raise OSError(errno.ENOSPC, "No space left on device", key)
         return await original(self, key, value)
 
-    def disk_full_file(path, payload):
+    def disk_full_file(path, payload, pid=0):
         if full(path.relative_to(tmp_path / "run").as_posix()):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return original_file(path, payload)
+        return original_file(path, payload, pid)
 
     monkeypatch.setattr(LocalStore, "set", disk_full_from_snapshot_4)
     monkeypatch.setattr(RowChunks, "_store_file", staticmethod(disk_full_file))

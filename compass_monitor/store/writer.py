@@ -41,7 +41,7 @@ __all__ = ["RunWriter", "SnapshotRecord", "check_target_free", "DEFAULT_KEY_INTE
 log = logging.getLogger(__name__)
 
 _ZSTD = ZstdCodec(level=1)
-_INITIAL_CAPACITY = 16
+_INITIAL_CAPACITY = 16  # rows allocated up front; growth doubles (trimming at finalize and resume deletes chunk keys one by one)
 #: Default distance between key frames (snapshots); see ``MonitorConfig.key_interval``.
 DEFAULT_KEY_INTERVAL = 32
 # Rows of a base-weight chunk: about 2**21 int16 values (4 MiB before compression).
@@ -353,12 +353,17 @@ class RunWriter:
         for array in self._growing:
             if array.shape[0] > keep:
                 array.resize((keep, *array.shape[1:]))
+        for rows in self._all_row_writers():
+            rows.reset()  # a cached partly-filled chunk may hold dropped rows
         self._capacity = keep
         if keep:
             for i, (m, n) in enumerate(self._shapes):
                 self.previous_packed[i] = reconstruct_packed(self._frames, self._per_param[i][0], i, keep - 1, m * n)
 
     # -- appending ----------------------------------------------------------------------
+    def _all_row_writers(self) -> list[RowChunks]:
+        return [rows for per_param in self._row_chunks for rows in per_param] + list(self._run_rows.values())
+
     def _grow_to(self, needed: int) -> None:
         if needed <= self._capacity:
             return
