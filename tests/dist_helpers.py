@@ -154,15 +154,24 @@ def shard_fsdp2(model: nn.Module, *, mesh_shape: tuple[int, ...] | None = None) 
     return model
 
 
-def shard_fsdp1(model: nn.Module, *, use_orig_params: bool) -> nn.Module:
+def shard_fsdp1(model: nn.Module, *, use_orig_params: bool, strategy: str = "FULL_SHARD") -> nn.Module:
+    """FSDP1; ``strategy`` NO_SHARD (a replica per rank) or HYBRID_SHARD (a world x 1 mesh: replicas of one shard)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+    extra = {}
+    if strategy == "HYBRID_SHARD":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        extra["device_mesh"] = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
     wrapped = FSDP(
         model,
         use_orig_params=use_orig_params,
         device_id=torch.device("cpu"),
         auto_wrap_policy=ModuleWrapPolicy({Block}),
+        sharding_strategy=ShardingStrategy[strategy],
+        **extra,
     )
     for module in wrapped.modules():
         if isinstance(module, FSDP):

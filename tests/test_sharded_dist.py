@@ -12,7 +12,8 @@ W0 codes), for:
   divide; on 3 ranks the 2-row matrix and 2-element bias leave rank 2 empty);
 * FSDP1 with ``use_orig_params`` False (FlatParameter) and True, on 2 and 3
   ranks (flat shards end mid-row; some parameters are not on a rank at all);
-* HSDP (a 2 x 1 mesh: two replicas, only one contributes);
+* HSDP (a 2 x 1 mesh: two replicas, only one contributes), and FSDP1's
+  ``NO_SHARD`` and ``HYBRID_SHARD`` (2 x 1 mesh) the same way;
 * a run started on 2 ranks and resumed from a checkpoint on 3.
 
 Each world size runs all its scenarios in one process group (ranks are forked
@@ -53,6 +54,10 @@ def _build(kind: str):
         return H.shard_fsdp1(model, use_orig_params=False)
     if kind == "fsdp1_orig":
         return H.shard_fsdp1(model, use_orig_params=True)
+    if kind == "fsdp1_noshard":
+        return H.shard_fsdp1(model, use_orig_params=False, strategy="NO_SHARD")
+    if kind == "fsdp1_hybrid":
+        return H.shard_fsdp1(model, use_orig_params=True, strategy="HYBRID_SHARD")
     raise ValueError(kind)
 
 
@@ -222,6 +227,8 @@ def group_two(rank: int, world: int, root: str) -> dict:
     out["fsdp1"] = _scenario(rank, "fsdp1", root / "fsdp1_w2")
     out["fsdp1_orig"] = _scenario(rank, "fsdp1_orig", root / "fsdp1_orig_w2")
     out["hsdp"] = _scenario(rank, "hsdp", root / "hsdp_w2")
+    out["fsdp1_noshard"] = _scenario(rank, "fsdp1_noshard", root / "fsdp1_noshard_w2")
+    out["fsdp1_hybrid"] = _scenario(rank, "fsdp1_hybrid", root / "fsdp1_hybrid_w2")
     out["failure"] = _failure(rank, root / "failure")
     out["refusals"] = _refusals(rank, world, root)
     out["rewind"] = _rewind(rank, root)
@@ -297,7 +304,10 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "world, kind",
-    [(2, "fsdp2"), (3, "fsdp2"), (2, "fsdp1"), (3, "fsdp1"), (2, "fsdp1_orig"), (3, "fsdp1_orig"), (2, "hsdp")],
+    [
+        (2, "fsdp2"), (3, "fsdp2"), (2, "fsdp1"), (3, "fsdp1"), (2, "fsdp1_orig"), (3, "fsdp1_orig"), (2, "hsdp"),
+        (2, "fsdp1_noshard"), (2, "fsdp1_hybrid"),
+    ],
 )
 def test_store_identical_to_single_process(runs, world, kind):
     root, weights, two, three = runs
@@ -326,9 +336,10 @@ def test_layouts_really_are_sharded(runs):
     assert any(name in shapes and start % shapes[name] for name, start in starts)
     assert any("FlatParameter" in layout for layout in two[0]["fsdp1"]["layouts"])
     assert any("use_orig_params" in layout for layout in two[0]["fsdp1_orig"]["layouts"])
-    # HSDP: the second replica contributes nothing
-    assert not any(contributes for *_, contributes in two[1]["hsdp"]["ranges"])
-    assert all(contributes for *_, contributes in two[0]["hsdp"]["ranges"])
+    # HSDP, FSDP1 NO_SHARD and HYBRID_SHARD: the second replica contributes nothing
+    for kind in ("hsdp", "fsdp1_noshard", "fsdp1_hybrid"):
+        assert not any(contributes for *_, contributes in two[1][kind]["ranges"]), kind
+        assert all(contributes for *_, contributes in two[0][kind]["ranges"]), kind
 
 
 def test_every_rank_reports_the_same_scalars(runs):
