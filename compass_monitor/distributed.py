@@ -636,18 +636,37 @@ class ShardedCore:
         """The base bf16 codes of every matrix on rank 0, one gather per matrix (for the stored W0)."""
         out: list[np.ndarray] | None = [] if self.is_writer else None
         for p, state in enumerate(self.states):
-            mine = state.base_bits.cpu().numpy().view(np.uint8)
-            size = max(2 * self.geometry.ranges[p][r][1] for r in self.members)
-            gathered = self._gather_padded(mine, size)
-            if gathered is None:
-                continue
-            m, n = self.geometry.shapes[p]
-            codes = np.zeros(m * n, dtype=np.int16)
-            for member, buf in zip(self.members, gathered):
-                start, numel = self.geometry.ranges[p][member]
-                codes[start : start + numel] = buf[: 2 * numel].view(np.int16)
-            out.append(codes)
+            codes = self._gather_codes(p, state.base_bits.cpu().numpy())
+            if out is not None and codes is not None:
+                out.append(codes)
         return out
+
+    def gather_matrix(self, p: int, *, base: bool) -> np.ndarray | None:
+        """Matrix ``p``'s whole (m * n,) int16 bf16 codes on rank 0 (None elsewhere): W0 or the current weights.
+
+        A gather of the matrix to rank 0, 2 bytes per weight in all: only for the
+        spectral diagnostics, at their own cadence (the masks never need it).
+        """
+        state = self.states[p]
+        if base:
+            mine = state.base_bits.cpu().numpy()
+        elif state.numel:
+            mine = bf16_bits(state.shard.local()).cpu().numpy()
+        else:
+            mine = np.zeros(0, dtype=np.int16)
+        return self._gather_codes(p, mine)
+
+    def _gather_codes(self, p: int, mine: np.ndarray) -> np.ndarray | None:
+        size = max(2 * self.geometry.ranges[p][r][1] for r in self.members)
+        gathered = self._gather_padded(np.ascontiguousarray(mine).view(np.uint8), size)
+        if gathered is None:
+            return None
+        m, n = self.geometry.shapes[p]
+        codes = np.zeros(m * n, dtype=np.int16)
+        for member, buf in zip(self.members, gathered):
+            start, numel = self.geometry.ranges[p][member]
+            codes[start : start + numel] = buf[: 2 * numel].view(np.int16)
+        return codes
 
     def _gather_padded(self, mine: np.ndarray, size: int) -> list[np.ndarray] | None:
         """Equal-sized buffers of the members to rank 0 (non-members take no part and get None)."""

@@ -17,6 +17,11 @@ snapshot because the writer is behind (``when_queue_full="skip"``) is rank 0's
 decision, sent in the same all-reduce; every rank then keeps its previous
 masks, so flips are counted against the last stored snapshot, as in a single
 process.
+
+Spectral diagnostics (``spectral_every``) need whole matrices: at their own
+cadence each matrix is gathered to rank 0 in turn (2 bytes per weight) and
+measured there against its base decomposition, which rank 0 computed once the
+same way; the store then equals a single process's.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .config import MonitorConfig
 from .distributed import LocalSnapshot, ShardedCore
 from .monitor import METHODS, CompassMonitor, _versions
 from .precision_null import null_overlaps
+from .spectral import SpectralBase, SpectralConfig, spectral_base, spectral_drift_checked
 from .store import schema
 from .store.writer import RunWriter, SnapshotRecord
 
@@ -140,10 +146,14 @@ class ShardedMonitor(CompassMonitor):
         self._latest: tuple[int, np.ndarray, np.ndarray] | None = None
         self.enabled = True
         self.disabled_reason: str | None = None
+        #: rank 0's cached base decompositions (None per matrix elsewhere); None: spectral off
+        self._spectral_bases: list[SpectralBase | None] | None = None
+        self._snapshots_taken = 0
         if resume:
             from . import sharded_resume
 
             sharded_resume.resume(self, run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
+            self._init_spectral()
             return
 
         store = None
@@ -177,12 +187,6 @@ class ShardedMonitor(CompassMonitor):
                 raise error
             raise (schema.StoreExistsError if outcome[0] == "StoreExistsError" else schema.StoreError)(f"rank 0: {outcome[1]}")
 
-        if getattr(self.config, "spectral_every", 0) and self.core.is_writer:
-            log.warning(
-                "compass-monitor: spectral diagnostics (spectral_every=%s) are not computed for sharded models yet; "
-                "the masks, counts, profiles and overlaps are",
-                getattr(self.config, "spectral_every", 0),
-            )
         base = self.core.capture_base(want_codes=self.config.store_base)
         self._class_counts = base["class_counts"]
         self._warn_base_nonfinite(base["nonfinite"])
@@ -204,6 +208,49 @@ class ShardedMonitor(CompassMonitor):
             )
         else:
             self.writer = _RankWriter(run_dir)
+        self._init_spectral()
+
+    # -- spectral diagnostics -------------------------------------------------------------
+    @torch.no_grad()
+    def _init_spectral(self) -> None:
+        """Rank 0 decomposes each base matrix once, gathered to it one matrix at a time (a collective)."""
+        if not self.config.spectral_every:
+            return
+        config = SpectralConfig(k=self.config.spectral_k, every_n_snapshots=self.config.spectral_every, method=self.config.spectral_method)
+        bases: list[SpectralBase | None] = []
+        for p, spec in enumerate(self.specs):
+            codes = self.core.gather_matrix(p, base=True)
+            bases.append(None if codes is None else self._guard_spectral(spectral_base, spec, _as_bf16(codes, spec.shape, self.comm.device), config))
+        self._spectral_bases = bases
+
+    def _spectral_now(self) -> np.ndarray | None:
+        """(P, 4) spectral diagnostics on rank 0 every ``spectral_every``-th snapshot (a collective on every rank).
+
+        The spectrum needs the whole matrix: each is gathered to rank 0 in turn
+        (2 bytes per weight) and measured there with its cached base. A failure on
+        rank 0 gives that matrix NaN and is logged; it never stops the other ranks'
+        gathers midway.
+        """
+        if self._spectral_bases is None or self._snapshots_taken % self.config.spectral_every:
+            return None
+        rows = np.full((len(self.specs), 4), np.nan)
+        for p, spec in enumerate(self.specs):
+            codes = self.core.gather_matrix(p, base=False)
+            base = self._spectral_bases[p]
+            if codes is None or base is None:
+                continue
+            drift = self._guard_spectral(spectral_drift_checked, spec, base, _as_bf16(codes, spec.shape, self.comm.device))
+            if drift is not None:
+                values = [drift.nss, drift.max_angle_left_deg, drift.max_angle_right_deg, drift.topk_energy_rel_change]
+                rows[p] = torch.stack(values).double().cpu().numpy()
+        return rows if self.core.is_writer else None
+
+    def _guard_spectral(self, function: Any, spec: Any, *args: Any) -> Any:
+        try:
+            return function(*args)
+        except Exception as exc:  # rank 0 alone: raising here would leave the other ranks in the next gather
+            log.error("compass-monitor: spectral diagnostics of %s failed (%s: %s); stored as NaN", spec.name, type(exc).__name__, exc)
+            return None
 
     # -- facts ---------------------------------------------------------------------
     @property
@@ -259,10 +306,13 @@ class ShardedMonitor(CompassMonitor):
             return
         pieces = self.core.collect(snap)
         null = null_overlaps(self._class_counts, counts[:, 0])
+        self._snapshots_taken += 1
+        spectral = self._spectral_now()
         if pieces is not None and self.core.is_writer:
             rows, cols, packed = pieces
             record = SnapshotRecord(
-                step=step, wall_time=time.time(), counts=counts, null_overlap=null, rows=rows, cols=cols, packed=packed
+                step=step, wall_time=time.time(), counts=counts, null_overlap=null, rows=rows, cols=cols, packed=packed,
+                spectral=spectral,
             )
             # A refusal here (the writer failed meanwhile) is agreed on at the next snapshot.
             self.writer.submit(record)
@@ -312,3 +362,8 @@ class ShardedMonitor(CompassMonitor):
             from . import sharded_resume
 
             self._guarded(sharded_resume.rewind, self, int(state["step"]))
+
+
+def _as_bf16(codes: np.ndarray, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Gathered int16 bf16 codes as the (m, n) bf16 matrix, on the collective device."""
+    return torch.from_numpy(codes).view(torch.bfloat16).reshape(shape).to(device)

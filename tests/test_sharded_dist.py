@@ -37,6 +37,7 @@ from compass_monitor import CompassMonitor, MonitorConfig, open_run
 from compass_monitor.integrations.pytorch import attach_optimizer
 
 CONFIG = dict(every_n_steps=2, principal_rank=3, alpha=0.5, include_biases=True, include_norms=True)
+SPECTRAL = dict(spectral_every=2, spectral_k=2)  # spectral diagnostics at the 2nd and 4th snapshot
 STEPS = 7  # snapshots at 2, 4, 6 and 7 (the last at close)
 RESUME_AT, RESUME_TOTAL = 4, 8
 
@@ -61,11 +62,14 @@ def _build(kind: str):
     raise ValueError(kind)
 
 
-def _scenario(rank: int, kind: str, path: Path, *, count: H.CollectiveCounter | None = None, skip_at: int | None = None) -> dict:
+def _scenario(
+    rank: int, kind: str, path: Path, *, count: H.CollectiveCounter | None = None, skip_at: int | None = None, spectral: bool = False
+) -> dict:
     from compass_monitor.sharded_monitor import ShardedMonitor
 
     model = _build(kind)
-    config = MonitorConfig(**CONFIG, when_queue_full="skip") if skip_at else MonitorConfig(**CONFIG)
+    extra = SPECTRAL if spectral else {}
+    config = MonitorConfig(**CONFIG, **extra, when_queue_full="skip") if skip_at else MonitorConfig(**CONFIG, **extra)
     monitor = CompassMonitor(model, path, config=config)
     if skip_at and rank == 0:  # only the writer sees its queue full; every rank must skip with it
         monitor.writer.full = lambda: monitor.step == skip_at
@@ -229,6 +233,7 @@ def group_two(rank: int, world: int, root: str) -> dict:
     out["hsdp"] = _scenario(rank, "hsdp", root / "hsdp_w2")
     out["fsdp1_noshard"] = _scenario(rank, "fsdp1_noshard", root / "fsdp1_noshard_w2")
     out["fsdp1_hybrid"] = _scenario(rank, "fsdp1_hybrid", root / "fsdp1_hybrid_w2")
+    out["fsdp1_spectral"] = _scenario(rank, "fsdp1", root / "fsdp1_spectral_w2", spectral=True)
     out["failure"] = _failure(rank, root / "failure")
     out["refusals"] = _refusals(rank, world, root)
     out["rewind"] = _rewind(rank, root)
@@ -244,18 +249,21 @@ def group_three(rank: int, world: int, root: str) -> dict:
     out["fsdp1_orig"] = _scenario(rank, "fsdp1_orig", root / "fsdp1_orig_w3")
     out["resume"] = _resume_second(rank, root)
     out["skip"] = _scenario(rank, "fsdp2", root / "skip_w3", skip_at=4)
+    with H.CollectiveCounter() as count:
+        out["fsdp2_spectral"] = _scenario(rank, "fsdp2", root / "fsdp2_spectral_w3", count=count, spectral=True)
     return out
 
 
 # ----------------------------------------------------------------------------- test side
 
 
-def _single(path: Path, steps: int, *, skip_at: int | None = None) -> dict[str, np.ndarray]:
+def _single(path: Path, steps: int, *, skip_at: int | None = None, spectral: bool = False) -> dict[str, np.ndarray]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' setting: identical BLAS results
     try:
         model = H.make_model()
-        config = MonitorConfig(**CONFIG, when_queue_full="skip") if skip_at else MonitorConfig(**CONFIG)
+        extra = SPECTRAL if spectral else {}
+        config = MonitorConfig(**CONFIG, **extra, when_queue_full="skip") if skip_at else MonitorConfig(**CONFIG, **extra)
         monitor = CompassMonitor(model, path, config=config)
         assert type(monitor) is CompassMonitor
         if skip_at:
@@ -297,6 +305,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
     weights = {"single7": _single(root / "single7", STEPS), "single8": _single(root / "single8", RESUME_TOTAL)}
     _single(root / "single7_skip", STEPS, skip_at=4)
+    _single(root / "single7_spectral", STEPS, spectral=True)
     two = H.spawn(group_two, 2, str(root))
     three = H.spawn(group_three, 3, str(root))
     return root, weights, two, three
@@ -320,6 +329,24 @@ def test_store_identical_to_single_process(runs, world, kind):
     run = open_run(root / f"{kind}_w{world}")
     assert run.steps.tolist() == [2, 4, 6, 7]
     assert open_run(root / "single7").count("changed")[-1].sum() > 0
+
+
+@pytest.mark.parametrize(("world", "kind"), [(2, "fsdp1"), (3, "fsdp2")])
+def test_spectral_diagnostics_equal_a_single_process(runs, world, kind):
+    """Each matrix gathered to rank 0 at the spectral cadence: the stored spectra equal a single process's."""
+    root, _, two, three = runs
+    result = (two if world == 2 else three)[0][f"{kind}_spectral"]
+    assert result["is_sharded"] and result["disabled"] is None
+    assert_same_store(root / "single7_spectral", root / f"{kind}_spectral_w{world}")
+    spectral = open_run(root / f"{kind}_spectral_w{world}").spectral_metrics
+    computed = ~np.isnan(spectral[..., 0])
+    assert computed.any(axis=1).tolist() == [False, True, False, True]  # snapshots 2 and 4 of 4
+    assert (spectral[computed][:, 0] > 0).any()  # some matrix drifted
+    if world == 3:  # the weights move only on the spectral snapshots: one gather per matrix there
+        calls = three[0][f"{kind}_spectral"]["snapshot_calls"]
+        matrices = three[0][f"{kind}_spectral"]["num_params"]
+        gathers = [sum(1 for op, *_ in c if op == "gather") for c in calls]
+        assert gathers[1] - gathers[0] == matrices and gathers[3] - gathers[2] == matrices
 
 
 def test_layouts_really_are_sharded(runs):
