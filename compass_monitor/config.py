@@ -51,8 +51,9 @@ class MonitorConfig:
             ``"cpu"`` (host memory: saves accelerator memory, costs a 2-byte
             device-to-host copy of the current bf16 weights per snapshot).
         spectral_every: compute the spectral diagnostics (NSS, principal
-            angles, top-k energy; paper Sec. 4.1) every this many snapshots;
-            0 turns them off. Off by default: the base decomposition costs a
+            angles, top-k energy; paper Sec. 4.1) every this many snapshots
+            (stored snapshots S, 2S, ...: counted in the store, so a resumed
+            run keeps the cadence); 0 turns them off. Off by default: the base decomposition costs a
             float64 Gram eigendecomposition per matrix at start
             (``compass_monitor.spectral``).
         spectral_k: rank of the subspaces compared by principal angles and of

@@ -220,6 +220,7 @@ class CompassMonitor:
         self.step = plan.step
         self._last_snapshot_step = plan.last_snapshot_step
         self._latest = plan.latest
+        self._snapshots_taken = plan.keep  # the spectral cadence counts stored snapshots, across resumes
 
     def state_dict(self) -> dict[str, Any]:
         """Minimal state for a training checkpoint: the step counter and the last snapshot's step."""

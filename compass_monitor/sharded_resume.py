@@ -260,6 +260,7 @@ def resume(mon: "ShardedMonitor", run_dir: Any, *, resume_step: int | None, run_
     mon.step = plan["step"]
     mon._last_snapshot_step = plan["last_snapshot_step"]
     mon._latest = plan["latest"]
+    mon._snapshots_taken = plan["keep"]  # agreed on every rank: the spectral gathers stay in lockstep
     mon.writer = mon._start_writer(store) if store is not None else _RankWriter(run_dir)
 
 
@@ -286,3 +287,4 @@ def rewind(mon: "ShardedMonitor", step: int) -> None:
     mon.step = plan["step"]
     mon._last_snapshot_step = plan["last_snapshot_step"]
     mon._latest = plan["latest"]
+    mon._snapshots_taken = plan["keep"]  # agreed on every rank: the spectral gathers stay in lockstep
