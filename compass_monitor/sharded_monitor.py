@@ -216,7 +216,10 @@ class ShardedMonitor(CompassMonitor):
         """Rank 0 decomposes each base matrix once, gathered to it one matrix at a time (a collective)."""
         if not self.config.spectral_every:
             return
-        config = SpectralConfig(k=self.config.spectral_k, every_n_snapshots=self.config.spectral_every, method=self.config.spectral_method)
+        # "auto" means "exact" here: rank 0 holds every matrix's base, and "perturb" keeps an
+        # n x n basis and a reference to W0 per matrix (for an 8B model ~17 GB + 16 GB).
+        method = "exact" if self.config.spectral_method == "auto" else self.config.spectral_method
+        config = SpectralConfig(k=self.config.spectral_k, every_n_snapshots=self.config.spectral_every, method=method)
         bases: list[SpectralBase | None] = []
         for p, spec in enumerate(self.specs):
             codes = self.core.gather_matrix(p, base=True)
