@@ -116,7 +116,7 @@ def test_replay_starts_at_the_first_snapshot_and_plays_forward(tmp_path):
         screen = pilot.app.screen
         await wait_for(pilot, lambda: screen.view is not None, what="the run")
         assert screen.timeline.position <= 1 and screen.status_word().startswith("REPLAY ▶")
-        await wait_for(pilot, lambda: screen.timeline.position >= 2, timeout=3, what="playback")
+        await wait_for(pilot, lambda: screen.timeline.position >= 2, timeout=30, what="playback")
         await pilot.press("space")
         paused_at = screen.timeline.position
         assert screen.status_word() == "REPLAY ❚❚"
@@ -124,7 +124,7 @@ def test_replay_starts_at_the_first_snapshot_and_plays_forward(tmp_path):
         assert screen.timeline.position == paused_at
         await pilot.press("space")
         await pilot.press("plus", "plus")  # 40 snapshots per second
-        await wait_for(pilot, lambda: screen.timeline.at_end and not screen.playing, timeout=10, what="the end")
+        await wait_for(pilot, lambda: screen.timeline.at_end and not screen.playing, timeout=60, what="the end")
         assert screen.status_word() == "FINISHED"
 
     run_app(CompassApp(run, replay=True, speed=10.0), body)

@@ -68,11 +68,11 @@ async def follow_scrub_filter_drill_compare(proc, run_dir: Path) -> None:
         assert len(screen.order) == 14  # 2 layers x q, k, v, o, gate, up, down
         assert heatmap_text(screen.heatmap)[1].startswith("L0 q")
 
-        # New snapshots appear while following, within a second of their commit.
+        # New snapshots appear while following, with no key pressed. (How soon after their commit
+        # is measured by bench/bench_tui.py, not asserted here: a loaded CI machine is no stopwatch.)
         send(proc, "more 3")
         assert await read_line(proc) == "ready 5"
-        took = await wait_for(pilot, lambda: screen.view.num_snapshots == 5, timeout=5, what="new snapshots")
-        assert took < 1.5
+        await wait_for(pilot, lambda: screen.view.num_snapshots == 5, timeout=30, what="new snapshots")
         assert screen.timeline.position == 4 and screen.timeline.following
 
         # Scrubbing pauses following; new snapshots then leave the cursor where it is; f resumes.
@@ -80,7 +80,7 @@ async def follow_scrub_filter_drill_compare(proc, run_dir: Path) -> None:
         assert screen.timeline.position == 3 and screen.status_word() == "PAUSED"
         send(proc, "more 1")
         assert await read_line(proc) == "ready 6"
-        await wait_for(pilot, lambda: screen.view.num_snapshots == 6, timeout=5, what="a snapshot while paused")
+        await wait_for(pilot, lambda: screen.view.num_snapshots == 6, timeout=30, what="a snapshot while paused")
         assert screen.timeline.position == 3
         await pilot.press("home")
         assert screen.timeline.position == 0 and "(1/6)" in text_of(screen, "#run-header")
@@ -141,6 +141,6 @@ async def follow_scrub_filter_drill_compare(proc, run_dir: Path) -> None:
         # The writer dies without closing the run: the badge says CRASHED (its process is gone).
         proc.kill()
         proc.wait(timeout=30)
-        await wait_for(pilot, lambda: screen.status_word().startswith("CRASHED"), timeout=5, what="CRASHED")
+        await wait_for(pilot, lambda: screen.status_word().startswith("CRASHED"), timeout=30, what="CRASHED")
         await pilot.pause(1.1)  # the header refreshes every second
         assert "CRASHED" in text_of(screen, "#run-header")
