@@ -30,6 +30,11 @@ step time / (step time - time the training thread spent inside the monitor's
 callbacks), and the CPU time of the store's writer thread per step, which runs
 beside training and competes with it for cores.
 
+The run stores of all runs are kept until the end and deleted together: on
+this VM's ext4, deleting thousands of files makes the next file creations
+10-40x slower for a while (``bench/bench_fs_files.py``), which would charge the
+monitor's writer for the benchmark's own clean-up.
+
 Usage: python bench/bench_hf_overhead.py [--steps 20] [--pairs 7] [--every 1 10] [--batch 8] [--torch-threads N] [--out FILE]
 Writes bench/results/hf_overhead_cpu.json.
 """
@@ -40,7 +45,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import tempfile
 import time
@@ -257,6 +261,8 @@ def main() -> None:
     data = TokenData(options.steps * options.batch)
     linear = sum(p.numel() for n, p in build_model().named_parameters() if p.dim() == 2 and "proj" in n)
     load_before = list(os.getloadavg())
+    # Before the runs, whose stores are deleted together at the end (see below).
+    one_snapshot = snapshot_costs(state)
     by_cadence: dict[int, list[dict]] = {every: [] for every in options.every}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(options.pairs):
@@ -265,7 +271,9 @@ def main() -> None:
                 for monitored in ((False, True) if i % 2 == 0 else (True, False)):  # alternate which runs first
                     workdir = Path(tmp) / f"{i}-{every}-{monitored}"
                     results[monitored] = run_once(workdir, state, data, steps=options.steps, monitored=monitored, every=every, batch=options.batch)
-                    shutil.rmtree(workdir, ignore_errors=True)
+                    # Run stores are kept until the end: deleting thousands of files between runs
+                    # makes this disk's next file creations 10-40x slower for a while
+                    # (bench/bench_fs_files.py), a cost no real training run pays.
                 pair = {
                     "plain": results[False],
                     "monitored": results[True],
@@ -304,7 +312,7 @@ def main() -> None:
         "warmup_steps_excluded": WARMUP,
         "load_average_before_after": [load_before, list(os.getloadavg())],
         "by_every_n_steps": {str(every): summary(pairs) for every, pairs in by_cadence.items()},
-        "one_snapshot": snapshot_costs(state),
+        "one_snapshot": one_snapshot,
         "goal": "step_ratio_median <= 1.10 with a snapshot every step (every_n_steps=1)",
         "note": (
             "runs alternate in one process on a shared 2-core machine whose load from other processes can swing between "
