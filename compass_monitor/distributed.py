@@ -61,7 +61,6 @@ of the model, plus the gathered buffers), as a single-process monitor does.
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,9 +70,9 @@ import numpy as np
 import torch
 
 from .bf16 import ABS_MASK, INF_BITS, bf16_bits, canonical_bits, changed_from_bits
-from .bitpack import pack_bits, popcount
+from .bitpack import pack_bits
 from .config import MonitorConfig
-from .matrix_probe import _FP_CHUNK, _FP_MOD, _FP_MULTIPLIERS
+from .matrix_probe import _FP_CHUNK, _FP_MOD, _FP_MULTIPLIERS, changed_np, counts_np, counts_torch
 from .precision_null import class_counts as _class_counts
 from .precision_null import spacing_class
 from .principal import gram_from_symmetric, gram_parts, project_rows, scale_exponent, top_basis
@@ -1088,27 +1087,9 @@ def _measure_range(state: ShardState, shape: tuple[int, int], *, backend: str = 
     nrows = last - first + 1
     lead = start - first * n
     if backend == "numpy" or (backend == "auto" and base_t.device.type == "cpu"):
-        current = current_t.numpy()
-        base = base_t.numpy()
-        changed = (current != base) & (((current | base) & ABS_MASK) != 0)
-        nonfinite = np.count_nonzero((current & ABS_MASK) >= INF_BITS)
-        if nonfinite:
-            changed |= (current & ABS_MASK) > INF_BITS
+        changed, nonfinite = changed_np(current_t.numpy(), base_t.numpy())
         packed = pack_aligned(changed, start)
-        ref = state.reference_packed.numpy()
-        previous = state.previous_packed.numpy()
-        bc = np.bitwise_count
-        counts = np.array(
-            [
-                int(bc(packed).sum(dtype=np.int64)),
-                int(bc(packed & ref[0]).sum(dtype=np.int64)),
-                int(bc(packed & ref[1]).sum(dtype=np.int64)),
-                int(bc(packed & ref[2]).sum(dtype=np.int64)),
-                int(bc(packed ^ previous).sum(dtype=np.int64)),
-                nonfinite,
-            ],
-            dtype=np.int64,
-        )
+        counts = counts_np(packed, state.reference_packed.numpy(), state.previous_packed.numpy(), nonfinite)
         if lead == 0 and numel == nrows * n:
             grid = changed.reshape(nrows, n)
         else:
@@ -1118,17 +1099,7 @@ def _measure_range(state: ShardState, shape: tuple[int, int], *, backend: str = 
         return counts, grid.sum(axis=1, dtype=np.int32), grid.sum(axis=0, dtype=np.int32), torch.from_numpy(packed)
     changed = changed_from_bits(current_t, base_t)
     packed_t = pack_aligned(changed, start)
-    ref = state.reference_packed
-    counts_t = torch.stack(
-        [
-            popcount(packed_t),
-            popcount(packed_t & ref[0]),
-            popcount(packed_t & ref[1]),
-            popcount(packed_t & ref[2]),
-            popcount(packed_t ^ state.previous_packed),
-            ((current_t & ABS_MASK) >= INF_BITS).sum(dtype=torch.int64),
-        ]
-    )
+    counts_t = counts_torch(packed_t, state.reference_packed, state.previous_packed, current_t)
     if lead == 0 and numel == nrows * n:
         grid = changed.view(nrows, n)
     else:

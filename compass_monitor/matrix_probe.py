@@ -137,17 +137,35 @@ def measure(state: MatrixBase, weight: torch.Tensor, *, backend: str = "auto") -
 
 def _measure_numpy(state: MatrixBase, weight: torch.Tensor) -> Measurement:
     current = bf16_bits(as_matrix(weight, state.spec)).cpu().numpy()  # a no-op for CPU weights
-    base = state.base_bits.cpu().numpy()
-    # base is canonical (never -0): a -0 in current differs bitwise from a +0
-    # base, and the magnitude test below calls that pair equal.
+    changed, nonfinite = changed_np(current, state.base_bits.cpu().numpy())
+    packed = np.packbits(changed)
+    counts = counts_np(packed, state.reference_packed.cpu().numpy(), state.previous_packed.cpu().numpy(), nonfinite)
+    packed_t = torch.from_numpy(packed)
+    state.previous_packed = packed_t
+    return Measurement(
+        counts=torch.from_numpy(counts),
+        rows=torch.from_numpy(changed.sum(axis=1, dtype=np.int32)),
+        cols=torch.from_numpy(changed.sum(axis=0, dtype=np.int32)),
+        packed=packed_t,
+    )
+
+
+def changed_np(current: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, int]:
+    """Changed mask (Def. 2.2) of int16 bf16 codes in numpy, and the number of non-finite current values.
+
+    ``base`` is canonical (never -0): a -0 in ``current`` differs bitwise from a
+    +0 base, and the magnitude test calls that pair equal. NaN is always changed.
+    """
     changed = (current != base) & (((current | base) & ABS_MASK) != 0)
-    nonfinite = np.count_nonzero((current & ABS_MASK) >= INF_BITS)
+    nonfinite = int(np.count_nonzero((current & ABS_MASK) >= INF_BITS))
     if nonfinite:  # rare: NaN is always changed, whatever the base held
         changed |= (current & ABS_MASK) > INF_BITS
-    packed = np.packbits(changed)
-    ref = state.reference_packed.cpu().numpy()
-    previous = state.previous_packed.cpu().numpy()
-    counts = np.array(
+    return changed, nonfinite
+
+
+def counts_np(packed: np.ndarray, ref: np.ndarray, previous: np.ndarray, nonfinite: int) -> np.ndarray:
+    """The ``COUNT_FIELDS`` of a packed changed mask: |M|, |M ∩ P|, |M ∩ L|, |M ∩ P ∩ L^c|, flips, non-finite."""
+    return np.array(
         [
             _popcount_np(packed),
             _popcount_np(packed & ref[0]),
@@ -158,13 +176,19 @@ def _measure_numpy(state: MatrixBase, weight: torch.Tensor) -> Measurement:
         ],
         dtype=np.int64,
     )
-    packed_t = torch.from_numpy(packed)
-    state.previous_packed = packed_t
-    return Measurement(
-        counts=torch.from_numpy(counts),
-        rows=torch.from_numpy(changed.sum(axis=1, dtype=np.int32)),
-        cols=torch.from_numpy(changed.sum(axis=0, dtype=np.int32)),
-        packed=packed_t,
+
+
+def counts_torch(packed: torch.Tensor, ref: torch.Tensor, previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """:func:`counts_np` on the device (no host sync): the non-finite count from the current codes."""
+    return torch.stack(
+        [
+            popcount(packed),
+            popcount(packed & ref[0]),
+            popcount(packed & ref[1]),
+            popcount(packed & ref[2]),
+            popcount(packed ^ previous),
+            ((current & ABS_MASK) >= INF_BITS).sum(dtype=torch.int64),
+        ]
     )
 
 
@@ -176,17 +200,7 @@ def _measure_torch(state: MatrixBase, weight: torch.Tensor) -> Measurement:
     current = bf16_bits(as_matrix(weight, state.spec)).to(state.base_bits.device)
     changed = changed_from_bits(current, state.base_bits)
     packed = pack_bits(changed)
-    ref = state.reference_packed
-    counts = torch.stack(
-        [
-            popcount(packed),
-            popcount(packed & ref[0]),
-            popcount(packed & ref[1]),
-            popcount(packed & ref[2]),
-            popcount(packed ^ state.previous_packed),
-            ((current & ABS_MASK) >= INF_BITS).sum(dtype=torch.int64),
-        ]
-    )
+    counts = counts_torch(packed, state.reference_packed, state.previous_packed, current)
     state.previous_packed = packed
     return Measurement(
         counts=counts,

@@ -37,7 +37,7 @@ from .config import MonitorConfig
 from .matrix_probe import MatrixBase, capture_base, measure
 from .precision_null import null_overlaps
 from .selection import ParamSpec, select_parameters
-from .spectral import SpectralBase, SpectralConfig, spectral_base, spectral_drift_checked
+from .spectral import SpectralBase, SpectralConfig, SpectralDrift, spectral_base, spectral_drift_checked
 from .store import schema
 from .store.async_writer import AsyncWriter
 from .store.resume import ResumePlan, plan_resume, resume_config
@@ -137,15 +137,7 @@ class CompassMonitor:
         selected = select_parameters(model, self.config)
         self.specs: list[ParamSpec] = [spec for spec, _ in selected]
         self._params: list[torch.Tensor] = [param for _, param in selected]
-        self._hooks: list[Any] = []
-        self.step = 0
-        self._last_snapshot_step: int | None = None
-        self._warned: dict[str, int] = {}
-        self._latest: tuple[int, np.ndarray, np.ndarray] | None = None
-        self.enabled = True
-        self.disabled_reason: str | None = None
-        self._spectral_bases: list[SpectralBase] | None = None
-        self._snapshots_taken = 0
+        self._init_state()
         if resume:
             self._resume(run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
             self._init_spectral()
@@ -153,21 +145,7 @@ class CompassMonitor:
 
         self._states, class_counts, fingerprints = self._capture_base()
         self._class_counts = class_counts
-        attributes = {
-            "run": {
-                "name": run_name or os.path.basename(os.path.abspath(os.fspath(run_dir))),
-                "created": time.time(),
-                "model_class": type(model).__name__,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-            },
-            "config": self.config.to_dict(),
-            "methods": METHODS,
-            "count_fields": list(schema.COUNT_FIELDS),
-            "reference_masks": list(schema.REFERENCE_MASKS),
-            "versions": _versions(),
-            "metadata": metadata or {},
-        }
+        attributes = self._store_attributes(run_dir, run_name, metadata, model_class=type(model).__name__)
         store = RunWriter.create(run_dir, params=self.specs, attributes=attributes, key_interval=self.config.key_interval)
         self.writer = self._start_writer(store)
         # The base goes through the writer thread too (compressing W0 takes a while);
@@ -181,12 +159,51 @@ class CompassMonitor:
         self._init_spectral()
         log.info("compass-monitor: watching %d matrices (%d weights) -> %s", len(self.specs), self.num_weights, run_dir)
 
+    def _init_state(self) -> None:
+        """The per-run state both monitors start from (before their base or a resume sets it)."""
+        self._hooks: list[Any] = []
+        self.step = 0
+        self._last_snapshot_step: int | None = None
+        self._warned: dict[str, int] = {}
+        self._latest: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.enabled = True
+        self.disabled_reason: str | None = None
+        #: cached base decompositions (the sharded monitor: on rank 0, None per matrix elsewhere); None: spectral off
+        self._spectral_bases: list[SpectralBase | None] | None = None
+        self._snapshots_taken = 0
+
+    def _store_attributes(
+        self, run_dir: str | os.PathLike[str], run_name: str | None, metadata: dict[str, Any] | None, *, model_class: str, **run_facts: Any
+    ) -> dict[str, Any]:
+        """The new store's attributes: the run's facts, configuration, method notes and versions."""
+        return {
+            "run": {
+                "name": run_name or os.path.basename(os.path.abspath(os.fspath(run_dir))),
+                "created": time.time(),
+                "model_class": model_class,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                **run_facts,
+            },
+            "config": self.config.to_dict(),
+            "methods": METHODS,
+            "count_fields": list(schema.COUNT_FIELDS),
+            "reference_masks": list(schema.REFERENCE_MASKS),
+            "versions": _versions(),
+            "metadata": metadata or {},
+        }
+
+    def _spectral_config(self, method: str | None = None) -> SpectralConfig:
+        return SpectralConfig(
+            k=self.config.spectral_k, every_n_snapshots=self.config.spectral_every, method=method or self.config.spectral_method
+        )
+
     @torch.no_grad()
     def _init_spectral(self) -> None:
         """Decompose each base matrix once (from the stored W0 codes, so a resumed run uses the true base)."""
         if not self.config.spectral_every:
             return
-        config = SpectralConfig(k=self.config.spectral_k, every_n_snapshots=self.config.spectral_every, method=self.config.spectral_method)
+        config = self._spectral_config()
         self._spectral_bases = [spectral_base(state.base_bits.view(torch.bfloat16), config) for state in self._states]
 
     def _start_writer(self, store: RunWriter) -> AsyncWriter:
@@ -390,8 +407,7 @@ class CompassMonitor:
             # W_t as the bf16 values the changed mask sees (fp32 masters rounded like the probe).
             current = param.detach().reshape(state.spec.shape).to(torch.bfloat16)
             # "perturb" (auto on large GPU matrices) flags drift beyond its validity; those are redone exactly.
-            drift = spectral_drift_checked(base, current)
-            rows.append(torch.stack([drift.nss, drift.max_angle_left_deg, drift.max_angle_right_deg, drift.topk_energy_rel_change]).double())
+            rows.append(spectral_row(spectral_drift_checked(base, current)))
         return torch.stack(rows).cpu().numpy()
 
     def latest_scalars(self, *, prefix: str = "compass") -> dict[str, float]:
@@ -461,6 +477,11 @@ class CompassMonitor:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def spectral_row(drift: SpectralDrift) -> torch.Tensor:
+    """A matrix's stored spectral diagnostics, float64 in ``schema.SPECTRAL_FIELDS`` order (on its device)."""
+    return torch.stack([getattr(drift, name) for name in schema.SPECTRAL_FIELDS]).double()
 
 
 def _split(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:

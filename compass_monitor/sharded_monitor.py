@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,9 @@ from torch import nn
 
 from .config import MonitorConfig
 from .distributed import LocalSnapshot, ShardedCore
-from .monitor import METHODS, CompassMonitor, _versions
+from .monitor import CompassMonitor, spectral_row
 from .precision_null import null_overlaps
-from .spectral import SpectralBase, SpectralConfig, spectral_base, spectral_drift_checked
+from .spectral import SpectralBase, spectral_base, spectral_drift_checked
 from .store import schema
 from .store.writer import RunWriter, SnapshotRecord
 
@@ -139,16 +138,7 @@ class ShardedMonitor(CompassMonitor):
         self.comm = self.core.comm
         self.specs = self.core.specs
         self._params: list[torch.Tensor] = []
-        self._hooks: list[Any] = []
-        self.step = 0
-        self._last_snapshot_step: int | None = None
-        self._warned: dict[str, int] = {}
-        self._latest: tuple[int, np.ndarray, np.ndarray] | None = None
-        self.enabled = True
-        self.disabled_reason: str | None = None
-        #: rank 0's cached base decompositions (None per matrix elsewhere); None: spectral off
-        self._spectral_bases: list[SpectralBase | None] | None = None
-        self._snapshots_taken = 0
+        self._init_state()
         if resume:
             from . import sharded_resume
 
@@ -159,23 +149,9 @@ class ShardedMonitor(CompassMonitor):
         store = None
         failure: tuple[str, str] | None = None
         if self.core.is_writer:
-            attributes = {
-                "run": {
-                    "name": run_name or os.path.basename(os.path.abspath(os.fspath(run_dir))),
-                    "created": time.time(),
-                    "model_class": _model_class(model),
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "world_size": self.comm.world_size,
-                    "sharding": self.core.layout.kind,
-                },
-                "config": self.config.to_dict(),
-                "methods": METHODS,
-                "count_fields": list(schema.COUNT_FIELDS),
-                "reference_masks": list(schema.REFERENCE_MASKS),
-                "versions": _versions(),
-                "metadata": metadata or {},
-            }
+            attributes = self._store_attributes(
+                run_dir, run_name, metadata, model_class=_model_class(model), world_size=self.comm.world_size, sharding=self.core.layout.kind
+            )
             try:
                 store = RunWriter.create(run_dir, params=self.specs, attributes=attributes, key_interval=self.config.key_interval)
             except Exception as exc:  # raised on every rank below
@@ -218,8 +194,7 @@ class ShardedMonitor(CompassMonitor):
             return
         # "auto" means "exact" here: rank 0 holds every matrix's base, and "perturb" keeps an
         # n x n basis and a reference to W0 per matrix (for an 8B model ~17 GB + 16 GB).
-        method = "exact" if self.config.spectral_method == "auto" else self.config.spectral_method
-        config = SpectralConfig(k=self.config.spectral_k, every_n_snapshots=self.config.spectral_every, method=method)
+        config = self._spectral_config("exact" if self.config.spectral_method == "auto" else None)
         bases: list[SpectralBase | None] = []
         for p, spec in enumerate(self.specs):
             codes = self.core.gather_matrix(p, base=True)
@@ -244,8 +219,7 @@ class ShardedMonitor(CompassMonitor):
                 continue
             drift = self._guard_spectral(spectral_drift_checked, spec, base, _as_bf16(codes, spec.shape, self.comm.device))
             if drift is not None:
-                values = [drift.nss, drift.max_angle_left_deg, drift.max_angle_right_deg, drift.topk_energy_rel_change]
-                rows[p] = torch.stack(values).double().cpu().numpy()
+                rows[p] = spectral_row(drift).cpu().numpy()
         return rows if self.core.is_writer else None
 
     def _guard_spectral(self, function: Any, spec: Any, *args: Any) -> Any:

@@ -11,7 +11,6 @@ from torch import nn
 from compass_monitor import CompassMonitor, MonitorConfig, open_run
 from compass_monitor.integrations.pytorch import attach_optimizer
 from compass_monitor.precision_null import null_overlaps
-from compass_monitor.store.schema import COUNT_FIELDS
 
 
 def bf16_values(t: torch.Tensor) -> np.ndarray:

@@ -24,7 +24,6 @@ about half a minute on 2 cores.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -20,9 +20,7 @@ differs:
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
