@@ -16,7 +16,7 @@ from compass_monitor.tui.screens.matrix import MatrixScreen
 from compass_monitor.tui.screens.run import RunScreen
 from compass_monitor.tui.screens.runs import RunsScreen
 from compass_monitor.tui.screens.compare import CompareScreen
-from compass_monitor.tui.synthetic import SyntheticSpec, write_synthetic_run
+from synthetic_runs import SyntheticSpec, write_synthetic_run
 from tui_helpers import text_of, wait_for
 
 

@@ -25,11 +25,12 @@ class CompassApp(App):
         path: a run directory, or a folder of runs (it may not exist yet).
         replay: open the run at its first snapshot and play it forward.
         speed: replay speed in snapshots per second.
-        head_dim: attention head size when the run's metadata has none.
+        head_dim: attention head size for runs that recorded no model geometry (None: no head marks).
         stale_after: seconds without a heartbeat after which a running run is STALE
             (at least 3x its usual snapshot interval).
         poll_interval: seconds between checks of a followed run's commit file.
         clock: the wall clock (tests freeze it).
+        waiting: the line shown while ``path`` does not exist yet (the live demo: its latest progress line).
     """
 
     CSS_PATH = "compass.tcss"
@@ -47,10 +48,11 @@ class CompassApp(App):
         *,
         replay: bool = False,
         speed: float = 2.0,
-        head_dim: int = 64,
+        head_dim: int | None = None,
         stale_after: float = 120.0,
         poll_interval: float = 0.25,
         clock: Callable[[], float] = time.time,
+        waiting: Callable[[], str] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(path)
@@ -60,6 +62,7 @@ class CompassApp(App):
         self.stale_after = stale_after
         self.poll_interval = poll_interval
         self.clock = clock
+        self.waiting = waiting
 
     def on_mount(self) -> None:
         is_run = (self.root / "zarr.json").is_file()

@@ -17,7 +17,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from .. import palette
 from ..data import Alignment, RunView, align_runs, jaccard, row_label, row_order
-from ..follow import follow_run
+from ..messages import follow_posting
 from ..messages import RunChanged, RunFailed
 from ..timeline import Timeline
 from ..widgets.details import compare_details
@@ -74,7 +74,7 @@ class CompareScreen(Screen):
     @work(thread=True, exit_on_error=False, group="follow-compare")
     def follow_worker(self, key: str) -> None:
         worker = get_current_worker()
-        follow_run(self, key, self.paths[key], interval=self.app.poll_interval, cancelled=lambda: worker.is_cancelled)
+        follow_posting(self, key, self.paths[key], interval=self.app.poll_interval, cancelled=lambda: worker.is_cancelled)
 
     @on(RunChanged)
     def on_run_changed(self, message: RunChanged) -> None:

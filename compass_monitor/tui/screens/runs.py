@@ -81,7 +81,7 @@ class RunsScreen(Screen):
         table.clear()
         for s in message.statuses:
             age = s.age(message.now)
-            name = ("* " if s.path == self.marked else "") + s.name
+            name = ("* " if s.path == self.marked else "") + self._label(s)
             table.add_row(
                 name,
                 Text(s.status if s.status != "error" else "error", style=_STATUS_STYLES.get(s.status, "")),
@@ -98,8 +98,19 @@ class RunsScreen(Screen):
             self._opened_root = True  # PATH itself became a run (e.g. a demo that started after the TUI)
             self.app.open_run(self.root)
 
+    def _label(self, status: RunStatus) -> str:
+        """A run's folder, relative to PATH (metadata names repeat: runs/demo and runs/demo-s1 are both "demo")."""
+        try:
+            label = str(status.path.relative_to(self.root))
+        except ValueError:
+            label = str(status.path)
+        label = status.path.name if label == "." else label
+        return label if label == status.name or status.name == status.path.name else f"{label} ({status.name})"
+
     def _message(self) -> Text:
         if not self.root.exists():
+            if self.app.waiting is not None:
+                return Text(f" {self.app.waiting()}  q quits.", style="yellow")
             return Text(f" {self.root} does not exist (yet): watching for a run to appear there. q quits.", style="yellow")
         if not self.statuses:
             return Text(f" no compass-monitor run under {self.root} (a run is a directory with zarr.json and commit.json); watching. q quits.", style="yellow")

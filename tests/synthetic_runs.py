@@ -1,4 +1,4 @@
-"""Seeded synthetic run stores for the TUI's tests, snapshot tests and benchmark.
+"""Seeded synthetic run stores for the TUI's tests, snapshot tests, tmux check and benchmark (test scaffolding, not shipped).
 
 No training: masks with a plausible structure (head-aligned row stripes in
 q/k/v, column stripes in o, density growing over time) are drawn from a seeded
@@ -24,11 +24,25 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..selection import ParamSpec
-from ..store import codec, schema
-from ..store.writer import RunWriter, SnapshotRecord
+from compass_monitor.store import codec, schema
+from compass_monitor.store.writer import RunWriter, SnapshotRecord
 
 __all__ = ["SyntheticSpec", "synthetic_params", "write_synthetic_run", "write_bulk_run"]
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What the writer records of a monitored matrix (the writer's ``_Param`` protocol), without torch."""
+
+    name: str
+    role: str
+    module_type: str
+    layer: int
+    shape: tuple[int, int]
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
 
 _ATTN = ("q", "k", "v", "o")
 _MLP = ("gate", "up", "down")
@@ -69,7 +83,7 @@ def _attributes(spec: SyntheticSpec, name: str, seed: int) -> dict:
         "count_fields": list(schema.COUNT_FIELDS),
         "reference_masks": list(schema.REFERENCE_MASKS),
         "versions": {},
-        "metadata": {"source": "compass_monitor.tui.synthetic", "seed": seed, "head_dim": spec.head_dim},
+        "metadata": {"source": "tests/synthetic_runs.py", "seed": seed, "head_dim": spec.head_dim},
     }
 
 
