@@ -111,3 +111,14 @@ def test_q_exits_zero_and_a_crash_exits_non_zero_in_a_real_terminal(stored):
     code, output = run_in_pty([sys.executable, "-c", crash, str(stored)], env=env_for(), timeout=90)
     assert code == 1, output[-2000:]
     assert b"drawing failed" in output
+
+
+def test_replay_takes_one_run_directory(stored, tmp_path, capsys):
+    """`replay runs` opened the run list though its help says RUN_DIR: a folder is refused, naming its runs."""
+    from compass_monitor.cli import main
+
+    assert main(["replay", str(stored.parent)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a run store" in err and str(stored) in err and "tui" in err
+    assert main(["replay", str(tmp_path / "nothing")]) == 2
+    assert "is not a run store" in capsys.readouterr().err

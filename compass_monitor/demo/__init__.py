@@ -75,6 +75,7 @@ def run_demo(*, run_dir: str = "runs/demo", steps: int = 30, every_n_steps: int 
         from .policy import load_pretrained, model_path
 
         model, tokenizer = load_pretrained()
+        progress.phase("capturing the base weights and their principal and low-magnitude masks")
         config = MonitorConfig(every_n_steps=every_n_steps, spectral_every=4, spectral_k=16)
         monitor = CompassMonitor(
             model,

@@ -44,6 +44,7 @@ class RunsScreen(Screen):
         self.marked: Path | None = None
         self._reader = StatusReader()
         self._opened_root = opened
+        self._rows: list[tuple[str, ...]] = []
 
     def compose(self) -> ComposeResult:
         yield Static(id="runs-header", classes="header")
@@ -76,27 +77,31 @@ class RunsScreen(Screen):
     @on(Listed)
     def on_listed(self, message: Listed) -> None:
         self.statuses = message.statuses
-        table = self.query_one(DataTable)
-        row = table.cursor_row
-        table.clear()
-        for s in message.statuses:
-            age = s.age(message.now)
-            name = ("* " if s.path == self.marked else "") + self._label(s)
-            table.add_row(
-                name,
-                Text(s.status if s.status != "error" else "error", style=_STATUS_STYLES.get(s.status, "")),
-                format_age(age) if s.status in ("live", "stale", "crashed") else "-",
-                str(s.snapshots),
-                "-" if s.last_step is None else str(s.last_step),
-                "-" if s.sparsity != s.sparsity else f"{s.sparsity:.3f}",
-                key=str(s.path),
-            )
-        if message.statuses:
-            table.move_cursor(row=min(row, len(message.statuses) - 1))
+        rows = [self._row(s, message.now) for s in message.statuses]
+        if rows != self._rows:  # rebuilt only when a line changed: no flicker, no half-laid-out table between scans
+            self._rows = rows
+            table = self.query_one(DataTable)
+            row = table.cursor_row
+            table.clear()
+            for s, cells in zip(message.statuses, rows):
+                table.add_row(cells[0], Text(cells[1], style=_STATUS_STYLES.get(s.status, "")), *cells[2:], key=str(s.path))
+            if message.statuses:
+                table.move_cursor(row=min(row, len(message.statuses) - 1))
         self.query_one("#runs-message", Static).update(self._message())
         if not self._opened_root and [s.path for s in message.statuses] == [self.root]:
             self._opened_root = True  # PATH itself became a run (e.g. a demo that started after the TUI)
             self.app.open_run(self.root)
+
+    def _row(self, s: RunStatus, now: float) -> tuple[str, ...]:
+        """The cells of one run's line: run, status, heartbeat age, snapshots, step, sparsity."""
+        return (
+            ("* " if s.path == self.marked else "") + self._label(s),
+            s.status,
+            format_age(s.age(now)) if s.status in ("live", "stale", "crashed") else "-",
+            str(s.snapshots),
+            "-" if s.last_step is None else str(s.last_step),
+            "-" if s.sparsity != s.sparsity else f"{s.sparsity:.3f}",
+        )
 
     def _label(self, status: RunStatus) -> str:
         """A run's folder, relative to PATH (metadata names repeat: runs/demo and runs/demo-s1 are both "demo")."""
