@@ -107,11 +107,6 @@ def check_target_free(path: Path) -> None:
         )
 
 
-def _only_created_entries(path: Path) -> bool:
-    names = {e for e in os.listdir(path) if not _is_temporary(e)}
-    return bool(names) and names <= _CREATED_ENTRIES
-
-
 def _interrupted_creation(path: Path) -> str | None:
     """Why the store at ``path`` is an interrupted creation that a new run may replace, or None.
 
@@ -237,8 +232,8 @@ class RunWriter:
             StoreError: the store cannot be written (disk full, read-only, no permission).
         """
         root = Path(path)
-        if not (root.is_dir() and _only_created_entries(root)):
-            check_target_free(root)  # early, before touching anything
+        if not (root.is_dir() and _interrupted_creation(root)):
+            check_target_free(root)  # early, before touching anything (reads only)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
