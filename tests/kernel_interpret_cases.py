@@ -156,6 +156,8 @@ def test_bf16_edge_codes(tm, rng):
         ((12, 24), 3 * 24, 5 * 24),  # row-sharded slice, byte-aligned: the grid kernel
         ((12, 24), 11 * 24, 24),  # the last row alone
         ((12, 24), 3 * 24 + 8, 4 * 24 - 3),  # mid-row start, aligned byte, ends mid-byte
+        ((12, 24), 3 * 24 + 13, 5 * 24 - 2),  # FSDP1-style on a width % 8 == 0: mid-row, mid-byte (grid kernel)
+        ((1, 264), 3, 250),  # one row, mid-byte both ends, two column tiles (grid kernel)
         ((12, 20), 2 * 20, 6 * 20),  # row-sharded, n % 8 != 0: the flat kernel
         ((12, 20), 45, 97),  # FSDP1-style: mid-row and mid-byte start and end
         ((12, 20), 3, 2),  # inside one byte
@@ -175,7 +177,7 @@ def test_row_tiles_looped_per_program(tm, monkeypatch, rng):
     monkeypatch.setattr(tm, "_TARGET_PROGRAMS", 1)
     monkeypatch.setattr(tm, "_MAX_ROW_STEPS", 4)
     shape = (37, 264)
-    for start, numel in ((0, 37 * 264), (264 * 5 + 16, 264 * 30 - 5)):
+    for start, numel in ((0, 37 * 264), (264 * 5 + 16, 264 * 30 - 5), (264 * 2 + 131, 264 * 33 + 7)):
         current, base = _drifted(numel, rng, torch.float32)
         state = _state(current, base, start, rng)
         _assert_equal(state, shape, _run(tm, state, shape))

@@ -10,12 +10,13 @@ for a flat range ``[start, start + numel)`` of an ``(m, n)`` matrix.
 
 Two kernels:
 
-* ``_grid_kernel`` when ``n`` and ``start`` are multiples of 8 (every byte of
-  the packed mask lies inside one row): 2-D tiles, row and column sums reduced
-  in registers, one atomic add per row / column per program.
-* ``_flat_kernel`` otherwise (FSDP1 ranges that start mid-row or mid-byte, odd
-  widths): 1-D tiles of whole bytes; row and column sums by atomic adds of the
-  changed elements only.
+* ``_grid_kernel`` when ``n`` is a multiple of 8 (every byte of the packed mask
+  is 8 consecutive columns of one row, whatever ``start`` is: row-sharded
+  slices and FSDP1 ranges that start mid-row or mid-byte alike): 2-D tiles, row
+  and column sums and counts reduced in registers, one atomic add per row /
+  column / count field per program (rows: per row tile).
+* ``_flat_kernel`` otherwise (odd widths): 1-D tiles of whole bytes; row and
+  column sums by atomic adds of the changed elements only.
 
 Every launch writes into buffers allocated here; nothing is read back to the
 host. This module imports Triton; :mod:`compass_monitor.kernels` imports it
@@ -74,8 +75,8 @@ def _popcount8(x):
 
 
 @triton.jit
-def _add_counts(counts_ptr, byte, ref_ptr, prev_ptr, byte_index, byte_ok, nbytes, nonfinite):
-    """Atomically add this tile's six COUNT_FIELDS (popcounts of whole bytes, as ``counts_np``)."""
+def _tile_counts(byte, ref_ptr, prev_ptr, byte_index, byte_ok, nbytes, nonfinite):
+    """This tile's six COUNT_FIELDS as an (8,) int32 vector (popcounts of whole bytes, as ``counts_np``)."""
     ref0 = tl.load(ref_ptr + byte_index, mask=byte_ok, other=0).to(tl.int32)
     ref1 = tl.load(ref_ptr + nbytes + byte_index, mask=byte_ok, other=0).to(tl.int32)
     ref2 = tl.load(ref_ptr + 2 * nbytes + byte_index, mask=byte_ok, other=0).to(tl.int32)
@@ -91,8 +92,13 @@ def _add_counts(counts_ptr, byte, ref_ptr, prev_ptr, byte_index, byte_ok, nbytes
     values = tl.where(field == 2, low, values)
     values = tl.where(field == 3, principal_not_low, values)
     values = tl.where(field == 4, flips, values)
-    values = tl.where(field == 5, nonfinite, values)
-    tl.atomic_add(counts_ptr + field, values.to(tl.int64), mask=(field < 6) & (values != 0))
+    return tl.where(field == 5, nonfinite, values)
+
+
+@triton.jit
+def _add_counts(counts_ptr, totals):
+    field = tl.arange(0, 8)
+    tl.atomic_add(counts_ptr + field, totals.to(tl.int64), mask=(field < 6) & (totals != 0))
 
 
 @triton.jit
@@ -101,13 +107,15 @@ def _grid_kernel(
     numel, n, nrows, lead, nbytes,
     IS_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ROW_STEPS: tl.constexpr,
 ):  # fmt: skip
-    # Touched rows form an (nrows, n) grid; local element = row * n + col - lead.
+    # Touched rows form an (nrows, n) grid; local element = row * n + col - lead. With n % 8 == 0
+    # every packed byte is 8 consecutive columns of one row, whatever start is.
     pid_m = tl.program_id(0)
     col = tl.program_id(1) * BN + tl.arange(0, BN)
     col_ok = col < n
     byte_col = tl.program_id(1) * BN + 8 * tl.arange(0, BN // 8)
     shifts = 7 - tl.arange(0, 8)
     col_sum = tl.zeros([BN], dtype=tl.int32)
+    totals = tl.zeros([8], dtype=tl.int32)  # at most ROW_STEPS * BM * BN < 2^31 per field
     for step in range(ROW_STEPS):
         row = (pid_m * ROW_STEPS + step) * BM + tl.arange(0, BM)
         row64 = row.to(tl.int64)
@@ -117,17 +125,20 @@ def _grid_kernel(
         base = tl.load(base_ptr + local, mask=ok, other=0)
         changed = _changed(code, base, ok)
         nonfinite = tl.sum(tl.ravel(((code & 0x7FFF) >= 0x7F80) & ok).to(tl.int32), axis=0)
-        # start % 8 == 0 and n % 8 == 0: packed byte = local // 8, all 8 bits in this row.
         byte = tl.sum(tl.reshape(changed, [BM, BN // 8, 8]) << shifts[None, None, :], axis=2)
+        # A byte is stored if any of its 8 elements is in the range (the first and last may be
+        # shared with another range: their outside bits are zero). Its index counts from the
+        # byte holding element ``start``: (first + start % 8) // 8, as start % 8 == lead % 8.
         first = row64[:, None] * n + byte_col[None, :] - lead
-        byte_ok = (first >= 0) & (first < numel) & (byte_col[None, :] < n) & (row[:, None] < nrows)
-        byte_index = first // 8
+        byte_ok = (first + 7 >= 0) & (first < numel) & (byte_col[None, :] < n) & (row[:, None] < nrows)
+        byte_index = (first + lead % 8) // 8
         tl.store(packed_ptr + byte_index, byte.to(tl.uint8), mask=byte_ok)
-        _add_counts(counts_ptr, byte, ref_ptr, prev_ptr, byte_index, byte_ok, nbytes, nonfinite)
+        totals += _tile_counts(byte, ref_ptr, prev_ptr, byte_index, byte_ok, nbytes, nonfinite)
         row_sum = tl.sum(changed, axis=1)
         tl.atomic_add(rows_ptr + row, row_sum, mask=(row < nrows) & (row_sum != 0))
         col_sum += tl.sum(changed, axis=0)
     tl.atomic_add(cols_ptr + col, col_sum, mask=col_ok & (col_sum != 0))
+    _add_counts(counts_ptr, totals)
 
 
 @triton.jit
@@ -150,7 +161,7 @@ def _flat_kernel(
     nonfinite = tl.sum(tl.ravel(((code & 0x7FFF) >= 0x7F80) & ok).to(tl.int32), axis=0)
     byte = tl.sum(changed << (7 - bit)[None, :], axis=1)
     tl.store(packed_ptr + byte_index, byte.to(tl.uint8), mask=byte_ok)
-    _add_counts(counts_ptr, byte, ref_ptr, prev_ptr, byte_index, byte_ok, nbytes, nonfinite)
+    _add_counts(counts_ptr, _tile_counts(byte, ref_ptr, prev_ptr, byte_index, byte_ok, nbytes, nonfinite))
     hit = changed != 0
     ones = tl.full(changed.shape, 1, tl.int32)
     tl.atomic_add(rows_ptr + (flat // n - first_row), ones, mask=hit)
@@ -231,7 +242,7 @@ def fused_mask_pass(
     counts, rows, cols = acc[:12].view(torch.int64), acc[12 : 12 + nrows], acc[12 + nrows :]
     packed = torch.empty(nbytes, dtype=torch.uint8, device=device)
     operands = (current, base, ref, prev, packed, rows, cols, counts)
-    if start % 8 == 0 and n % 8 == 0:
+    if n % 8 == 0:
         tiles_m = triton.cdiv(nrows, _GRID_BM)
         tiles_n = triton.cdiv(n, _GRID_BN)
         steps = 1
