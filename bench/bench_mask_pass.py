@@ -188,9 +188,19 @@ def machine(device: torch.device) -> dict[str, Any]:
             info["triton"] = None
     else:
         info["device"] = "cpu"
-        info["cpu"] = platform.processor() or "unknown"
+        info["cpu"] = _cpu_name()
         info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def default_out(device: torch.device) -> Path:
