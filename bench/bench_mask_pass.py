@@ -52,6 +52,8 @@ from compass_monitor.bitpack import pack_bits
 from compass_monitor.distributed import _measure_range
 from compass_monitor.matrix_probe import counts_torch
 
+from bench_spectral import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 QWEN3_8B = dict(hidden=4096, intermediate=12288, q_heads=32, kv_heads=8, head_dim=128, layers=36)
 SMALL = dict(hidden=256, intermediate=768, q_heads=4, kv_heads=2, head_dim=64, layers=2)
@@ -188,19 +190,9 @@ def machine(device: torch.device) -> dict[str, Any]:
             info["triton"] = None
     else:
         info["device"] = "cpu"
-        info["cpu"] = _cpu_name()
+        info["cpu"] = cpu_model()
         info["torch_threads"] = torch.get_num_threads()
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def default_out(device: torch.device) -> Path:

@@ -125,6 +125,18 @@ def test_the_fused_kernel_is_what_auto_runs():
     from compass_monitor import kernels
 
     assert kernels.fused_available(torch.device("cuda")), "triton missing: the GPU path would fall back to plain torch"
+    values = torch.randn(4096 * 1024, device="cuda")
+    base = canonical_bits(bf16_bits(values).clone())
+    reference = torch.zeros(3, values.numel() // 8, dtype=torch.uint8, device="cuda")
+    previous = torch.zeros(values.numel() // 8, dtype=torch.uint8, device="cuda")
+    kernels.fused_mask_pass(values, base, reference, previous, start=0, shape=(1024, 4096))  # compiled outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside raises
+    try:
+        counts, *_ = kernels.fused_mask_pass(values + 1.0, base, reference, previous, start=0, shape=(1024, 4096))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert 0 < int(counts[0]) <= values.numel()
 
 
 # ----------------------------------------------------------------------------- whole monitors

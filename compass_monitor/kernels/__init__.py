@@ -31,27 +31,13 @@ def fused_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and _triton_importable()
 
 
-def fused_mask_pass(
-    values: torch.Tensor,
-    base_bits: torch.Tensor,
-    reference_packed: torch.Tensor,
-    previous_packed: torch.Tensor,
-    *,
-    start: int,
-    shape: tuple[int, int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused mask pass of one flat range (``triton_mask.fused_mask_pass``, which documents the arguments).
+def __getattr__(name: str) -> Any:
+    # ``fused_mask_pass`` (documented in ``triton_mask``) imports triton on first use only.
+    if name == "fused_mask_pass":
+        from .triton_mask import fused_mask_pass
 
-    Returns ``(counts (6,) int64, rows (nrows,) int32, cols (n,) int32, packed (nbytes,) uint8)``
-    on the base's device without a host sync.
-
-    Raises:
-        ModuleNotFoundError: Triton is not installed.
-        ValueError: inconsistent sizes, dtypes or devices.
-    """
-    from . import triton_mask  # imports triton
-
-    return triton_mask.fused_mask_pass(values, base_bits, reference_packed, previous_packed, start=start, shape=shape)
+        return fused_mask_pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fused_measure_range(state: Any, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,4 +57,6 @@ def fused_measure_range(state: Any, shape: tuple[int, int]) -> tuple[torch.Tenso
     base = state.base_bits
     if values.device != base.device:
         values = values.to(base.device)
+    from .triton_mask import fused_mask_pass  # imports triton
+
     return fused_mask_pass(values, base, state.reference_packed, state.previous_packed, start=state.start, shape=shape)
