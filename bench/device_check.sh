@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 17, in one go on a machine with one NVIDIA GPU (parts capped at 110+140+140+90 s,
+# The GPU check of issue 17, in one go on a machine with one NVIDIA GPU (parts capped at 100+160+140+80 s,
 # about 8 minutes at most with the set-up):
 #
 #   1. gpu tests: every device result equal to the CPU result on the same weights
@@ -16,7 +16,7 @@
 #
 #   bash bench/device_check.sh                  # everything
 #   PARTS="tests mask" bash bench/device_check.sh
-#   SPECTRAL_ARGS="--layers 36" bash bench/device_check.sh   # the spectral part's arguments
+#   SPECTRAL_ARGS="--layers 36" bash bench/device_check.sh   # all 252 matrices timed (minutes more)
 #
 # Python: $PYTHON, else python3. It needs torch with CUDA, triton, numpy, scipy, pytest,
 # transformers and accelerate (the H200 image here has them), plus zarr, numcodecs, donfig and
@@ -31,7 +31,9 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY="${PYTHON:-python3}"
 PARTS="${PARTS:-tests mask spectral hf}"
-SPECTRAL_ARGS="${SPECTRAL_ARGS:---layers 36 --baseline-layers 1 --reference q --accuracy-drifts 1e-3 --repeats 1}"
+# 6 of the 36 layers timed (42 matrices; the summary extrapolates to all 252) to fit the time limit:
+# each matrix's base decomposition and the float64 reference take most of the part's time.
+SPECTRAL_ARGS="${SPECTRAL_ARGS:---layers 6 --baseline-layers 1 --reference q --accuracy-drifts 1e-3 --repeats 1}"
 LOG=bench/results/device_check.log
 mkdir -p bench/results
 : >"$LOG"
@@ -70,7 +72,7 @@ part() {  # part NAME SECONDS COMMAND...
   [[ $rc -eq 0 ]] || failed+=("$name")
 }
 
-part tests 110 "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml=/tmp/compass-gpu-tests.xml \
+part tests 100 "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml=/tmp/compass-gpu-tests.xml \
   tests/test_gpu_parity.py "tests/test_spectral.py::test_cuda_matches_reference"
 if [[ -f /tmp/compass-gpu-tests.xml ]]; then
   "$PY" - "$CARD" <<'EOF' | tee -a "$LOG"
@@ -92,10 +94,10 @@ open(path, "w").write(json.dumps(out, indent=1) + "\n")
 print("wrote", path, out["counts"])
 EOF
 fi
-part mask 140 "$PY" bench/bench_mask_pass.py --device cuda
+part mask 160 "$PY" bench/bench_mask_pass.py --device cuda
 # shellcheck disable=SC2086  # SPECTRAL_ARGS is a list of arguments
 part spectral 140 "$PY" bench/bench_spectral.py --device cuda --shapes qwen3-8b $SPECTRAL_ARGS
-part hf 90 "$PY" bench/bench_hf_overhead.py --device cuda --steps 15 --pairs 3 --every 1 10
+part hf 80 "$PY" bench/bench_hf_overhead.py --device cuda --steps 15 --pairs 3 --every 1 10
 
 if [[ -n "${OUT:-}" ]]; then
   cp "$LOG" "$OUT"/ 2>/dev/null
