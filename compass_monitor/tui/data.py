@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..aggregates import jaccard, ratio
 from ..store import ParamInfo
 from ..store import commit as commit_protocol
 from ..store.schema import COUNT_FIELDS, COUNTS, REFERENCE_MASKS
@@ -230,10 +231,7 @@ class RunView:
 
     def overlap(self, which: int) -> np.ndarray:
         """(T, P) ``|X ∩ M| / |M|`` for X = principal (0), low (1), principal-not-low (2); NaN where |M| = 0."""
-        changed = self.counts[:, :, _CHANGED].astype(np.float64)
-        inter = self.counts[:, :, _INTERSECTIONS[which]]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(changed > 0, inter / np.where(changed > 0, changed, 1), np.nan)
+        return ratio(self.counts[:, :, _INTERSECTIONS[which]], self.counts[:, :, _CHANGED])
 
     @property
     def global_sparsity(self) -> np.ndarray:
@@ -437,12 +435,3 @@ def align_runs(a: RunView, b: RunView) -> Alignment:
         ia = ib = np.arange(t)
         common = a.steps[:t]
     return Alignment([i for i, _ in pairs], [j for _, j in pairs], ia, ib, common, by_step)
-
-
-def jaccard(mask_a: np.ndarray, mask_b: np.ndarray) -> tuple[float, float]:
-    """Jaccard index of two masks and its independent-Bernoulli baseline ``pq / (p + q - pq)``."""
-    union = np.count_nonzero(mask_a | mask_b)
-    inter = np.count_nonzero(mask_a & mask_b)
-    p, q = mask_a.mean(), mask_b.mean()
-    denominator = p + q - p * q
-    return (inter / union if union else float("nan"), float(p * q / denominator) if denominator > 0 else float("nan"))
