@@ -36,12 +36,20 @@ def _wrap(text: str, indent: str = "") -> list[str]:
 
 
 def status_text(run: Run, *, now: float | None = None) -> str:
-    """``finished``, ``running``, ``stale`` (the reader's :attr:`Run.is_stale`: the same test ``inspect`` uses)..."""
+    """The run's state in words, from the store's one definition (:attr:`Run.liveness`, which ``inspect`` and the TUI use).
+
+    ``finished``, ``disabled``, ``running`` (its writer is alive), ``stale`` (running, but no commit for
+    longer than the store's staleness threshold) or ``crashed`` (running, but its writer process is gone),
+    with the age of the last write.
+    """
     now = time.time() if now is None else now
     heartbeat = run.commit.get("heartbeat")
     age = f", last write {max(0.0, now - heartbeat):.0f}s ago" if heartbeat else ""
-    if run.is_stale:
-        return f"stale: running, but its writer is gone or silent{age}"
+    state = run.liveness
+    if state == "crashed":
+        return f"stale: running, but its writer process is gone{age}"
+    if state == "stale":
+        return f"stale: running, but its writer is silent{age}"
     return f"{run.status}{age}"
 
 

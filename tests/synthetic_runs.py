@@ -24,25 +24,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from compass_monitor.store import codec, schema
+from compass_monitor.store import ParamInfo, codec, schema
 from compass_monitor.store.writer import RunWriter, SnapshotRecord
 
 __all__ = ["SyntheticSpec", "synthetic_params", "write_synthetic_run", "write_bulk_run"]
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """What the writer records of a monitored matrix (the writer's ``_Param`` protocol), without torch."""
-
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
 
 _ATTN = ("q", "k", "v", "o")
 _MLP = ("gate", "up", "down")
@@ -63,7 +48,7 @@ class SyntheticSpec:
     principal_rank: int = 8
 
 
-def synthetic_params(spec: SyntheticSpec, *, limit: int | None = None) -> list[ParamSpec]:
+def synthetic_params(spec: SyntheticSpec, *, limit: int | None = None) -> list[ParamInfo]:
     """Parameter specs in the order a Llama-style model names them."""
     h, f = spec.hidden, spec.intermediate
     shapes = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (f, h), "up": (f, h), "down": (h, f)}
@@ -71,7 +56,7 @@ def synthetic_params(spec: SyntheticSpec, *, limit: int | None = None) -> list[P
     for layer in range(spec.layers):
         for kind in _ATTN + _MLP:
             name = f"model.layers.{layer}.{_NAMES[kind]}.weight"
-            params.append(ParamSpec(name=name, role="linear", module_type=kind, layer=layer, shape=shapes[kind]))
+            params.append(ParamInfo(len(params), schema.param_id(len(params)), name, "linear", kind, layer, shapes[kind]))
     return params[:limit] if limit is not None else params
 
 
@@ -90,7 +75,7 @@ def _attributes(spec: SyntheticSpec, name: str, seed: int) -> dict:
 class _MaskModel:
     """Per-matrix changed masks that grow over time, with head-aligned stripes."""
 
-    def __init__(self, p: ParamSpec, spec: SyntheticSpec, rng: np.random.Generator, speed: float) -> None:
+    def __init__(self, p: ParamInfo, spec: SyntheticSpec, rng: np.random.Generator, speed: float) -> None:
         m, n = p.shape
         hd = spec.head_dim
         rows = 0.4 + rng.random(m)

@@ -113,7 +113,7 @@ def test_summary_status_agrees_with_inspect_on_a_stale_run(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     inspect = capsys.readouterr().out
     assert "STALE" in inspect
-    assert "[stale: running, but its writer is gone or silent" in summary.splitlines()[0]
+    assert "[stale: running, but its writer process is gone" in summary.splitlines()[0]
     assert "[running" not in summary
 
 

@@ -50,3 +50,31 @@ def test_the_thread_speaks_while_the_caller_is_busy():
     assert lines[0].startswith("demo: busy...") and len(lines) >= 3, lines
     with pytest.raises(ValueError, match="every must be > 0"):
         Progress(total_steps=1, every=0)
+
+
+def test_the_live_demo_shows_its_latest_line_while_the_model_loads(tmp_path):
+    """With a terminal the TUI said "runs/demo does not exist (yet)" for a minute: it shows the child's progress."""
+    import asyncio
+
+    pytest.importorskip("textual")
+    from compass_monitor.demo.live import last_line
+    from compass_monitor.tui.app import CompassApp
+    from tui_helpers import text_of, wait_for
+
+    log = tmp_path / "demo.log"
+    assert last_line(log) == ""  # not written yet
+    log.write_text("demo: loading torch, transformers and the model (all-MiniLM-L6-v2)... (0s)\n\n")
+    assert last_line(log) == "demo: loading torch, transformers and the model (all-MiniLM-L6-v2)... (0s)"
+
+    def waiting() -> str:
+        return f"the demo is loading the model... {last_line(log).removeprefix('demo: ')}"
+
+    async def main() -> None:
+        async with CompassApp(tmp_path / "runs" / "demo", waiting=waiting).run_test(size=(100, 24)) as pilot:
+            screen = pilot.app.screen
+            await wait_for(pilot, lambda: "loading the model" in text_of(screen, "#runs-message"), what="the waiting line")
+            assert "does not exist" not in text_of(screen, "#runs-message")
+            log.write_text("demo: capturing the base weights and their principal and low-magnitude masks... (12s)\n")
+            await wait_for(pilot, lambda: "capturing the base weights" in text_of(screen, "#runs-message"), what="the next line")
+
+    asyncio.run(main())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from textual.app import App
@@ -31,6 +31,7 @@ class CompassApp(App):
         poll_interval: seconds between checks of a followed run's commit file.
         clock: the wall clock (tests freeze it).
         waiting: the line shown while ``path`` does not exist yet (the live demo: its latest progress line).
+        compare: open straight on the comparison of these runs (``compare --tui``; escape quits).
     """
 
     CSS_PATH = "compass.tcss"
@@ -53,6 +54,7 @@ class CompassApp(App):
         poll_interval: float = 0.25,
         clock: Callable[[], float] = time.time,
         waiting: Callable[[], str] | None = None,
+        compare: Sequence[Path] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(path)
@@ -63,8 +65,12 @@ class CompassApp(App):
         self.poll_interval = poll_interval
         self.clock = clock
         self.waiting = waiting
+        self.compare = list(compare) if compare else None
 
     def on_mount(self) -> None:
+        if self.compare:
+            self.push_screen(CompareScreen(*self.compare))
+            return
         is_run = (self.root / "zarr.json").is_file()
         self.push_screen(RunsScreen(self.root, opened=is_run))
         if is_run:

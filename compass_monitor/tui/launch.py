@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["run_tui", "NO_TERMINAL"]
+__all__ = ["NO_TERMINAL", "compare_app", "run_compare_tui", "run_tui"]
 
 #: the one line printed when stdin or stdout is not a terminal
 NO_TERMINAL = ("compass-monitor: the TUI needs a terminal (stdin and stdout must be one); "
@@ -49,3 +50,25 @@ def run_tui(
     app = CompassApp(path, replay=replay, speed=speed, head_dim=head_dim, stale_after=stale_after, waiting=waiting)
     app.run()
     return int(app.return_code or 0)  # Textual sets 1 when the app ended on an unhandled error
+
+
+def compare_app(paths: Sequence[str | Path], **options: Any) -> Any:
+    """A ``CompassApp`` that opens straight on the compare screen of ``paths`` (escape quits).
+
+    ``options`` are ``CompassApp``'s keyword arguments (``head_dim``, ``poll_interval``, ...).
+    """
+    from .app import CompassApp
+
+    paths = [Path(p) for p in paths]
+    return CompassApp(paths[0].parent, compare=paths, **options)
+
+
+def run_compare_tui(paths: Sequence[str | Path], *, head_dim: int | None = None) -> int:
+    """Open the compare screen on ``paths`` in the foreground (``compass-monitor compare ... --tui``). Returns an exit code."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("compass-monitor compare: --tui needs a terminal; without --tui it prints the comparison as a table", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", module=r"zarr(\..*)?$")
+    app = compare_app(paths, head_dim=head_dim)
+    app.run()
+    return int(app.return_code or 0)

@@ -22,6 +22,9 @@ __all__ = ["RunsScreen"]
 _STATUS_STYLES = {"live": "bold green", "stale": "bold red", "crashed": "bold red", "finished": "blue", "disabled": "magenta", "error": "red", "unknown": "grey62"}
 
 
+_COLUMNS = ("run", "status", "heartbeat", "snapshots", "step", "sparsity")
+
+
 class RunsScreen(Screen):
     """Runs under the app's PATH, refreshed while visible; Enter opens one, ``c`` compares two."""
 
@@ -53,8 +56,6 @@ class RunsScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        table.add_columns("run", "status", "heartbeat", "snapshots", "step", "sparsity")
         self.query_one("#runs-header", Static).update(Text(f" compass-monitor  {self.root}", style="bold"))
         self.query_one("#runs-message", Static).update(f" looking for runs under {self.root} ...")
         self.scan_worker()
@@ -82,7 +83,11 @@ class RunsScreen(Screen):
             self._rows = rows
             table = self.query_one(DataTable)
             row = table.cursor_row
-            table.clear()
+            # Fixed column widths, set here: DataTable measures auto widths only when idle, so a
+            # screen drawn between a rebuild and that measure showed "finish" for "finished".
+            table.clear(columns=True)
+            for label, index in zip(_COLUMNS, range(len(_COLUMNS))):
+                table.add_column(label, width=max(len(label), *(len(cells[index]) for cells in rows)) if rows else len(label))
             for s, cells in zip(message.statuses, rows):
                 table.add_row(cells[0], Text(cells[1], style=_STATUS_STYLES.get(s.status, "")), *cells[2:], key=str(s.path))
             if message.statuses:
