@@ -31,7 +31,7 @@ Orientation: ``a`` is W0 (m >= n) or W0^T (m < n), so that the Gram matrix
    any partition. The float64 result is rounded to float32 as before.
 
 The eigenvectors come from ``torch.linalg.eigh`` of the float64 ``G'`` (the
-top-k of the smaller side), as in ``reference_masks.low_rank_reconstruction``;
+top-k of the smaller side), as in the float64 reference of the tests;
 under sharding one rank computes them and the others receive the same bits.
 Identical bits across processes assume the same BLAS/LAPACK and thread count on
 every rank, as in any data-parallel job.
@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from .reference_masks import select_count, top_count_mask
+from .exact_selection import select_count, top_count_mask
 
 __all__ = [
     "CHUNK_ROWS",

@@ -27,12 +27,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from ..matrix_spec import MatrixSpec
 from . import codec, schema
 from .row_chunks import RowChunks
 
@@ -47,14 +48,6 @@ DEFAULT_KEY_INTERVAL = 32
 # Rows of a base-weight chunk: about 2**21 int16 values (4 MiB before compression).
 _BASE_CHUNK_VALUES = 1 << 21
 _HISTORY_LIMIT = 200
-
-
-class _Param(Protocol):
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -146,7 +139,7 @@ class RunWriter:
         cls,
         path: str | os.PathLike[str],
         *,
-        params: list[_Param],
+        params: list[MatrixSpec],
         attributes: dict[str, Any],
         key_interval: int = DEFAULT_KEY_INTERVAL,
     ) -> "RunWriter":
@@ -164,17 +157,7 @@ class RunWriter:
         group_attributes = {
             "format": schema.FORMAT_NAME,
             "schema_version": schema.SCHEMA_VERSION,
-            "params": [
-                {
-                    "id": schema.param_id(i),
-                    "name": p.name,
-                    "role": p.role,
-                    "module_type": p.module_type,
-                    "layer": p.layer,
-                    "shape": list(p.shape),
-                }
-                for i, p in enumerate(params)
-            ],
+            "params": [{**p.to_record(), "id": schema.param_id(i)} for i, p in enumerate(params)],
             "storage": {"key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS},
             **attributes,
         }
