@@ -8,8 +8,8 @@ above a threshold and, among elements equal to it, the lowest flat
 
 :func:`top_count_masks` is the one entry point. On one rank it uses
 ``kthvalue`` (one pass over the score); spread over several ranks it runs a
-radix select on the order-preserving bits of the score (histogram
-all-reduces). Both select the same elements (tested on random partitions);
+radix select on the order-preserving bits of the float64 score
+(histogram all-reduces). Both select the same elements (tested on random partitions);
 the single-rank path exists because it is several times faster.
 """
 
@@ -62,39 +62,53 @@ def top_count_mask(score: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _order_keys(score: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int64 keys of float32 values (no NaN; -0 and +0 equal)."""
-    x = score.to(torch.float32) + 0.0  # -0 + 0 = +0
-    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= (1 << 31), 0xFFFFFFFF - bits, bits | (1 << 31))
+    """Order-preserving signed int64 keys of float64 values (no NaN; -0 and +0 equal).
+
+    Non-negative floats keep their bit pattern; for negative ones the magnitude
+    bits are flipped, so that integer order is float order.
+    """
+    bits = (score.to(torch.float64) + 0.0).view(torch.int64)  # -0 + 0 = +0
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
+
+
+def _byte(keys: torch.Tensor, shift: int) -> torch.Tensor:
+    """Byte ``shift / 8`` of ``key + 2^63`` (the key as an unsigned, order-preserving integer)."""
+    byte = (keys >> shift) & 255
+    return byte ^ 128 if shift == 56 else byte
+
+
+def _high(keys: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(key + 2^63) >> bits`` for 8 <= bits <= 56, without overflow."""
+    return (keys >> bits) + (1 << (63 - bits))
 
 
 def radix_select(comm: Comm, scores: list[torch.Tensor], counts: list[int], starts: list[list[int]]) -> list[torch.Tensor]:
     """Exact global top-``count`` masks of scores spread over ranks; ties by lowest global flat index.
 
     Args:
-        scores: per selection, this rank's float32 scores (1-D, in global flat
-            order of its range; may be empty).
+        scores: per selection, this rank's scores (1-D, in global flat order of its
+            range; may be empty). Compared as float64 (float32 inputs exactly).
         counts: per selection, how many elements to select globally.
         starts: per selection, every rank's range start (``starts[s][r]``), to
             order ranks along the flat index.
 
-    Returns the local bool masks: together, exactly ``top_count_mask``
-    of the whole score. Collectives: 4 all-reduces of (S, 256) int64 histograms
-    (8 bits of the 32-bit key per pass, most significant first) and one of the
-    (W, S) per-rank tie counts.
+    Returns the local bool masks: together, exactly :func:`top_count_mask` of the
+    whole score. Collectives: 8 all-reduces of (S, 256) int64 histograms (8 bits
+    of the 64-bit key per pass, most significant first) and one of the (W, S)
+    per-rank tie counts.
     """
     S = len(scores)
     keys = [_order_keys(s.reshape(-1)) if s.numel() else None for s in scores]
-    prefix = [0] * S
+    prefix = [0] * S  # the threshold's unsigned key bits found so far
     need = list(counts)
-    for shift in (24, 16, 8, 0):
+    for shift in range(56, -8, -8):
         hist = torch.zeros((S, 256), dtype=torch.int64)
         for i, k in enumerate(keys):
             if k is None or need[i] == 0:
                 continue
-            cand = k if shift == 24 else k[(k >> (shift + 8)) == prefix[i]]
+            cand = k if shift == 56 else k[_high(k, shift + 8) == prefix[i]]
             if cand.numel():
-                hist[i] = torch.bincount(((cand >> shift) & 255), minlength=256).cpu()
+                hist[i] = torch.bincount(_byte(cand, shift), minlength=256).cpu()
         comm.all_reduce(hist)
         table = hist.numpy()
         for i in range(S):
@@ -109,13 +123,14 @@ def radix_select(comm: Comm, scores: list[torch.Tensor], counts: list[int], star
                 raise ValueError(f"selection {i}: cannot select {counts[i]} elements")
             need[i] -= above
             prefix[i] = (prefix[i] << 8) | b
+    thresholds = [p - (1 << 63) for p in prefix]  # back to signed keys
     ties = torch.zeros((comm.world_size, S), dtype=torch.int64)
     local_eq: list[torch.Tensor | None] = []
     for i, k in enumerate(keys):
         if k is None or counts[i] == 0:
             local_eq.append(None)
             continue
-        eq = k == prefix[i]
+        eq = k == thresholds[i]
         ties[comm.rank, i] = int(eq.sum())
         local_eq.append(eq)
     comm.all_reduce(ties)
@@ -131,7 +146,7 @@ def radix_select(comm: Comm, scores: list[torch.Tensor], counts: list[int], star
         before = sum(int(ties[r, i]) for r in range(comm.world_size) if r != comm.rank and starts[i][r] < mine)
         take = max(0, min(int(ties[comm.rank, i]), need[i] - before))
         eq = local_eq[i]
-        mask = k > prefix[i]
+        mask = k > thresholds[i]
         if take:
             mask |= eq & (torch.cumsum(eq.to(torch.int64), 0) <= take)
         masks.append(mask)

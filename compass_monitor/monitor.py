@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import __version__ as _version
-from .aggregates import aggregate_counts, by_module_type, everything_linear, scalars
+from .aggregates import aggregate_counts, by_module_type, everything_linear, scalars, spectral_scalars
 from .collectives import Comm
 from .config import MonitorConfig
 from .precision_null import null_overlaps
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 METHODS = {
     "changed": "bitwise bf16 inequality, +0 == -0, NaN always changed (paper Def. 2.1, App. D.2)",
-    "principal_mask": "top-alpha of |rank-k reconstruction of W0|: top-k eigenvectors (float64 eigh) of the exact fixed-point Gram matrix of the smaller side, projection in float64 chunks of 256 global rows, rounded to float32; identical bits on any number of ranks (compass_monitor.principal); exact count floor(alpha*n), ties by lowest flat index",
+    "principal_mask": "top-alpha of |rank-k reconstruction of W0|: top-k eigenvectors (float64 eigh) of the exact fixed-point Gram matrix of the smaller side, projection in float64 chunks of 256 global rows, selected in float64; identical bits on any number of ranks (compass_monitor.principal); exact count floor(alpha*n), ties by lowest flat index",
     "low_mask": "bottom-alpha of |W0|, exact count floor(alpha*n), ties by lowest flat index",
     "precision_null": "i.i.d. Gaussian noise sized to flip |M| weights in expectation, closed form over 512 bf16 spacing classes",
 }
@@ -213,6 +213,7 @@ class CompassMonitor:
         self.disabled_reason: str | None = None
         self._snapshots_taken = 0
         self._spectral: SpectralTracker | None = None
+        self._latest_spectral: np.ndarray | None = None  # (P, F) of the latest spectral snapshot, on rank 0
         if resume:
             self._resume(run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
         else:
@@ -437,13 +438,17 @@ class CompassMonitor:
         self._warn_nonfinite(counts[:, schema.COUNT_FIELDS.index("nonfinite")])
         self._last_snapshot_step = step
         self._latest = (step, counts, null)
+        if spectral is not None:
+            self._latest_spectral = spectral
 
     def latest_scalars(self, *, prefix: str = "compass") -> dict[str, float]:
         """Scalars of the latest snapshot for a logger, ``{}`` before the first one (every rank holds them).
 
         Groups: ``all_linear`` (the global numbers), each module type (q, k, v,
         o, gate, up, down, ...) and each other monitored role. Keys and values
-        are those that ``aggregates.scalars`` derives from the stored counts.
+        are those that ``aggregates.scalars`` derives from the stored counts; with
+        spectral diagnostics on, also ``aggregates.spectral_scalars`` of the latest
+        spectral snapshot (on the writer rank).
         """
         if self._latest is None:
             return {}
@@ -453,6 +458,8 @@ class CompassMonitor:
         for key in (everything_linear, by_module_type):
             stats = aggregate_counts(params=self.specs, counts=counts[None], null=null[None], mask_sizes=mask_sizes, key=key)
             out.update(scalars(stats, prefix=prefix))
+            if self._latest_spectral is not None:
+                out.update(spectral_scalars(self.specs, self._latest_spectral, key=key, prefix=prefix))
         return out
 
     @property
@@ -489,6 +496,12 @@ class CompassMonitor:
         if self.config.snapshot_on_close and self.step > 0 and self._last_snapshot_step != self.step:
             self.writer.flush()  # the last snapshot is never skipped for a full queue
             self._guarded(self._snapshot, self.step)
+        elif self.step == 0 and self._last_snapshot_step is None and self.probe.is_writer:
+            log.warning(
+                "compass-monitor: closing %s with 0 snapshots: no optimizer step was counted since the base was taken. "
+                "To record weights changed outside an optimizer (loaded, edited), call monitor.snapshot(step=N) before close().",
+                self.run_dir,
+            )
         if not self.enabled:
             return
         self._detach()

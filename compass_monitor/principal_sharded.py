@@ -2,7 +2,7 @@
 
 ``M_princ`` (paper Sec. 4.2) needs the rank-k reconstruction of each whole base
 matrix; under FSDP each rank holds a flat range. :class:`ShardedPrincipal`
-computes, for this rank's ranges only, exactly the float32 score that
+computes, for this rank's ranges only, exactly the float64 score that
 ``principal.principal_scores`` gives for the whole matrix (the exactness
 argument is in ``compass_monitor.principal``):
 
@@ -51,7 +51,7 @@ class ShardedPrincipal:
         self.rank_k = rank_k
 
     def scores(self, group: list[int], w0_list: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Float32 principal scores of this rank's ranges of the matrices ``group`` (1-D, global flat order).
+        """Float64 principal scores of this rank's ranges of the matrices ``group`` (1-D, global flat order).
 
         Bit-identical to ``principal.principal_scores`` of the whole matrix (a collective on several ranks).
         """
@@ -65,9 +65,9 @@ class ShardedPrincipal:
             w0 = w0_list[p]
             m, n = self.geometry.shapes[p]
             if m == 0 or n == 0 or k_cfg <= 0:
-                out[p] = torch.zeros_like(w0)
+                out[p] = torch.zeros_like(w0, dtype=torch.float64)
             elif k_cfg >= min(m, n):
-                out[p] = w0.abs()
+                out[p] = w0.double().abs()
             elif m >= n:
                 tall.append(p)
             else:
@@ -91,7 +91,7 @@ class ShardedPrincipal:
             m, n = self.geometry.shapes[p]
             start, numel = self.geometry.ranges[p][self.comm.rank]
             if numel == 0:
-                out[p] = torch.zeros(0, dtype=torch.float32, device=w0_list[p].device)
+                out[p] = torch.zeros(0, dtype=torch.float64, device=w0_list[p].device)
                 continue
             score = project_rows(rows, first, bases[p].to(rows.device), rows_total=m).reshape(-1)
             lead = start - first * n
@@ -101,7 +101,7 @@ class ShardedPrincipal:
             for p in wide:
                 first, rows, _ = wide_plan[p]
                 m, n = self.geometry.shapes[p]
-                scores_t[p] = project_rows(rows, first, bases[p].to(rows.device), rows_total=n) if rows.shape[0] else torch.zeros((0, m), dtype=torch.float32)
+                scores_t[p] = project_rows(rows, first, bases[p].to(rows.device), rows_total=n) if rows.shape[0] else torch.zeros((0, m), dtype=torch.float64)
             back = self._wide_return(wide, scores_t, w0_list, routes)
             for p in wide:
                 out[p] = back[p]
@@ -241,18 +241,18 @@ class ShardedPrincipal:
             _, split = perm_of[p]
             for d in range(W):
                 recv_counts[d] += int(split[d])
-        send = np.concatenate([np.concatenate(send_parts[r]) for r in range(W)]).astype(np.float32)
+        send = np.concatenate([np.concatenate(send_parts[r]) for r in range(W)]).astype(np.float64)
         recv = self.comm.all_to_all(torch.from_numpy(send), send_counts, recv_counts).numpy()
         cursor = [sum(recv_counts[:d]) for d in range(W)]
         out = {}
         for p in wide:
             perm, split = perm_of[p]
-            local = np.zeros(perm.size, dtype=np.float32)
+            local = np.zeros(perm.size, dtype=np.float64)
             pieces = []
             for d in range(W):
                 pieces.append(recv[cursor[d] : cursor[d] + split[d]])
                 cursor[d] += int(split[d])
-            local[perm] = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+            local[perm] = np.concatenate(pieces) if pieces else np.zeros(0, np.float64)
             out[p] = torch.from_numpy(local).to(w0_list[p].device)
         return out
 
