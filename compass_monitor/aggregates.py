@@ -21,10 +21,9 @@ import numpy as np
 
 from .store import Run, ParamInfo
 from .store.schema import COUNT_FIELDS, REFERENCE_MASKS
+from .vocabulary import INTERSECTION_FIELDS as _INTERSECTION_FIELDS
 
-__all__ = ["GroupStats", "aggregate_counts", "group_stats", "scalars", "by_module_type", "by_role", "by_layer", "everything_linear"]
-
-_INTERSECTION_FIELDS = ("changed_and_principal", "changed_and_low", "changed_and_principal_not_low")
+__all__ = ["GroupStats", "aggregate_counts", "group_stats", "scalars", "spectral_scalars", "by_module_type", "by_role", "by_layer", "everything_linear"]
 
 
 @dataclass(frozen=True)
