@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import socket
 import time
 from collections.abc import Callable
@@ -44,12 +43,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__ as _version
 from .aggregates import aggregate_counts, by_module_type, everything_linear, scalars, spectral_scalars
 from .collectives import Comm
 from .config import MonitorConfig
 from .precision_null import null_overlaps
 from .probe import ShardProbe
+from .run_attributes import model_class_of, run_attributes
 from .resume import ResumePoint, agree, agreed_config, read_resume_point, restore_probe, rewind_point
 from .sharding import ShardLayout
 from .sinks import NullSink
@@ -58,45 +57,9 @@ from .store import schema
 from .store.async_writer import AsyncWriter
 from .store.writer import RunWriter, SnapshotRecord, check_target_free
 
-__all__ = ["CompassMonitor", "METHODS", "SnapshotFailed"]
+__all__ = ["CompassMonitor", "SnapshotFailed"]
 
 log = logging.getLogger(__name__)
-
-METHODS = {
-    "changed": "bitwise bf16 inequality, +0 == -0, NaN always changed (paper Def. 2.1, App. D.2)",
-    "principal_mask": "top-alpha of |rank-k reconstruction of W0|: top-k eigenvectors (float64 eigh) of the exact fixed-point Gram matrix of the smaller side, projection in float64 chunks of 256 global rows, selected in float64; identical bits on any number of ranks (compass_monitor.principal); exact count floor(alpha*n), ties by lowest flat index",
-    "low_mask": "bottom-alpha of |W0|, exact count floor(alpha*n), ties by lowest flat index",
-    "precision_null": "i.i.d. Gaussian noise sized to flip |M| weights in expectation, closed form over 512 bf16 spacing classes",
-}
-
-
-def _versions() -> dict[str, str]:
-    import zarr
-
-    return {
-        "compass_monitor": _version,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _model_class(model: nn.Module) -> str:
-    """The class of the model as the user built it (not FSDP's wrapper or FSDP2's dynamic subclass)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-        if isinstance(model, FullyShardedDataParallel):
-            return type(model.module).__name__
-        if isinstance(model, FSDPModule):
-            for cls in type(model).__mro__[1:]:
-                if not issubclass(cls, FSDPModule):
-                    return cls.__name__
-    except ImportError:  # pragma: no cover
-        pass
-    return type(model).__name__
-
 
 class SnapshotFailed(RuntimeError):
     """A snapshot failed on some rank (the message says which and why); every rank disables itself."""
@@ -157,7 +120,7 @@ class CompassMonitor:
             config = agreed_config(comm, run_dir, config)
         config = config or MonitorConfig()
         probe = ShardProbe.from_model(model, config, group=group, comm=comm)
-        self._start(probe, run_dir, config, run_name=run_name, metadata=metadata, model_class=_model_class(model), resume=resume, resume_step=resume_step)
+        self._start(probe, run_dir, config, run_name=run_name, metadata=metadata, model_class=model_class_of(model), resume=resume, resume_step=resume_step)
 
     @classmethod
     def from_layout(
@@ -226,7 +189,9 @@ class CompassMonitor:
         agree(self.comm, lambda: check_target_free(Path(run_dir)))  # fail before the base's cost
         base = self.probe.capture_base(want_codes=self.config.store_base)
         self._class_counts = base.class_counts
-        attributes = self._store_attributes(run_dir, run_name, metadata, model_class=model_class)
+        attributes = run_attributes(
+            run_dir, run_name=run_name, metadata=metadata, model_class=model_class, config=self.config, world_size=self.comm.world_size, layout=self.probe.layout
+        )
         store = agree(
             self.comm,
             lambda: RunWriter.create(run_dir, params=self.specs, attributes=attributes, key_interval=self.config.key_interval),
@@ -252,27 +217,6 @@ class CompassMonitor:
             self.probe.layout.kind,
             run_dir,
         )
-
-    def _store_attributes(self, run_dir: str | os.PathLike[str], run_name: str | None, metadata: dict[str, Any] | None, *, model_class: str) -> dict[str, Any]:
-        """The new store's attributes: the run's facts, configuration, method notes and versions."""
-        return {
-            "run": {
-                "name": run_name or os.path.basename(os.path.abspath(os.fspath(run_dir))),
-                "created": time.time(),
-                "model_class": model_class,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "world_size": self.comm.world_size,
-                "sharding": self.probe.layout.kind,
-            },
-            "config": self.config.to_dict(),
-            "methods": METHODS,
-            "count_fields": list(schema.COUNT_FIELDS),
-            "reference_masks": list(schema.REFERENCE_MASKS),
-            "versions": _versions(),
-            "metadata": metadata or {},
-            "selection": dict(self.probe.layout.facts),
-        }
 
     def _start_writer(self, store: RunWriter) -> AsyncWriter:
         return AsyncWriter(store, queue_size=self.config.writer_queue, when_full=self.config.when_queue_full)
