@@ -176,7 +176,7 @@ class CompassMonitor:
         self.disabled_reason: str | None = None
         self._snapshots_taken = 0
         self._spectral: SpectralTracker | None = None
-        self._latest_spectral: np.ndarray | None = None  # (P, F) of the latest spectral snapshot, on rank 0
+        self._latest_spectral: np.ndarray | None = None  # (P, F) of the latest spectral snapshot
         if resume:
             self._resume(run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
         else:
@@ -392,7 +392,7 @@ class CompassMonitor:
         o, gate, up, down, ...) and each other monitored role. Keys and values
         are those that ``aggregates.scalars`` derives from the stored counts; with
         spectral diagnostics on, also ``aggregates.spectral_scalars`` of the latest
-        spectral snapshot (on the writer rank).
+        spectral snapshot (every rank holds them).
         """
         if self._latest is None:
             return {}

@@ -64,7 +64,11 @@ class SpectralTracker:
 
     @torch.no_grad()
     def rows(self) -> np.ndarray | None:
-        """(P, len(SPECTRAL_FIELDS)) float64 on rank 0 (NaN where a matrix failed), None elsewhere. A collective."""
+        """(P, len(SPECTRAL_FIELDS)) float64 on every rank (NaN where a matrix failed). A collective.
+
+        Rank 0 computes them; one all-reduce of P x F float64 shares them, so that
+        every rank's loggers report the same scalars.
+        """
         out = np.full((len(self.bases), len(schema.SPECTRAL_FIELDS)), np.nan)
         for p, spec in enumerate(self.probe.specs):
             current = self.probe.whole_matrix(p, base=False)
@@ -75,7 +79,10 @@ class SpectralTracker:
             drift = self._guard(spectral_drift_checked, spec, base, current)
             if drift is not None:
                 out[p] = spectral_row(drift).cpu().numpy()
-        return out if self.probe.is_writer else None
+        if self.probe.comm.world_size > 1:
+            shared = torch.from_numpy(out if self.probe.is_writer else np.zeros_like(out))
+            out = self.probe.comm.all_reduce(shared).numpy()  # NaN + 0 stays NaN
+        return out
 
     @staticmethod
     def _guard(function: Any, spec: Any, *args: Any) -> Any:
