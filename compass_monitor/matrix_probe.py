@@ -22,6 +22,7 @@ import torch
 
 from .bf16 import ABS_MASK, INF_BITS, bf16_bits, changed_from_bits
 from .bitpack import popcount
+from .kernels import fused_available, fused_measure_range
 from .shard_geometry import pack_aligned
 from .sharding import LocalShard
 
@@ -145,6 +146,9 @@ def measure_range(state: ShardState, shape: tuple[int, int], *, backend: str = "
     """
     if backend not in ("auto", "numpy", "torch"):
         raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
+    # On CUDA with triton: one fused pass with the torch branch's outputs (compass_monitor.kernels).
+    if backend == "auto" and fused_available(state.base_bits.device):
+        return fused_measure_range(state, shape)
     m, n = shape
     start, numel = state.start, state.numel
     values = state.shard.local()
