@@ -36,7 +36,7 @@ from zarr.codecs import ZstdCodec
 from ..matrix_spec import MatrixSpec
 from . import codec, schema
 from .commit import read_commit, write_commit, write_json_atomic, writer_identity
-from .lock import WriterLock
+from .lock import WriterLock, locked_by_another
 from .row_chunks import RowChunks
 
 __all__ = ["RunWriter", "SnapshotRecord", "check_target_free", "check_no_symlinks", "DEFAULT_KEY_INTERVAL"]
@@ -91,6 +91,9 @@ def check_target_free(path: Path) -> None:
     entries = [e for e in os.listdir(path) if e != schema.LOCK_FILE and not _is_temporary(e)]
     if entries:
         if (path / "zarr.json").exists() or (path / schema.COMMIT_FILE).exists():
+            locked = locked_by_another(path)
+            if locked is not None:  # a live writer: name it (two creators racing, or a run in progress)
+                raise locked
             raise schema.StoreExistsError(
                 f"{path} already holds a run store; choose a new run directory, or pass resume=True to "
                 "continue it (nothing was written, the existing run is untouched)"
