@@ -66,6 +66,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from .checkpoints.table import table_row
     from .config import MonitorConfig
 
+    logging.getLogger("compass_monitor.checkpoints").setLevel(logging.INFO)  # the per-checkpoint lines off a terminal
     paths = [Path(p) for p in args.checkpoints]
     if len(paths) == 1 and paths[0].is_dir() and not any(paths[0].glob("*.safetensors")) and not (paths[0] / "adapter_config.json").is_file():
         paths = discover_series(paths[0])  # a run folder of checkpoint-N sub-folders
@@ -90,7 +91,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     )
     try:
         result = diff_checkpoints(args.base, refs, args.out, config=config, run_name=args.run_name,
-                                  progress=None if not args.no_progress else False)
+                                  progress=None if not args.no_progress else False, device=args.device)
     except KeyboardInterrupt:
         print(f"compass-monitor diff: interrupted; {args.out} keeps every committed snapshot", file=sys.stderr)
         return 130
@@ -124,6 +125,7 @@ def _add_diff_command(sub: argparse._SubParsersAction) -> None:
     diff.add_argument("--include", default="linear", help="roles to monitor, comma-separated: linear,embedding,lm_head,norm,bias (default linear)")
     diff.add_argument("--name-pattern", default=None, metavar="REGEX", help="only tensors whose name matches this regular expression")
     diff.add_argument("--run-name", default=None, help="the run's label (default: the folder name)")
+    diff.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the probe runs (default auto: cuda when available)")
     diff.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     diff.set_defaults(func=_cmd_diff)
 

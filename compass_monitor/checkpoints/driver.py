@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import MonitorConfig
 from ..monitor import CompassMonitor
 from ..selection import ParamSpec
 from .discovery import CheckpointRef
 from .errors import CheckpointError
-from .layout import CheckpointCursor, ModuleStandIn, build_layout
+from .layout import CheckpointCursor, LazyMatrices, ModuleStandIn, build_layout
 from .series import TensorSource, check_series, open_checkpoint
 
 __all__ = ["DiffResult", "diff_checkpoints"]
@@ -77,15 +79,28 @@ class _Progress:
             self._bar = None
 
 
+class _StandInMonitor(CompassMonitor):
+    """Today's model-taking monitor over a shape-only stand-in, reading every matrix lazily from the cursor."""
+
+    def __init__(self, model: ModuleStandIn, run_dir: Path, *, cursor: CheckpointCursor, **kwargs: Any) -> None:
+        self._cursor = cursor
+        super().__init__(model, run_dir, **kwargs)
+
+    def _capture_base(self):  # type: ignore[override]
+        self._params = LazyMatrices(self.specs, self._cursor)  # the stand-in's meta parameters hold no data
+        return super()._capture_base()
+
+
 def _monitor(specs: list[ParamSpec], cursor: CheckpointCursor, run_dir: Path, config: MonitorConfig, *, run_name: str | None, metadata: dict[str, Any], model_class: str) -> CompassMonitor:
-    """A monitor over the lazily loaded layout; today's model-taking monitor through a stand-in module until ``from_layout`` exists."""
+    """A monitor over the lazily loaded layout (``CompassMonitor.from_layout``; until the monitor has it, a stand-in)."""
     from_layout = getattr(CompassMonitor, "from_layout", None)
     if from_layout is not None:
         layout = build_layout(specs, cursor, facts={"source": "checkpoints"})
         return from_layout(layout, run_dir, config=config, run_name=run_name, metadata=metadata, model_class=model_class)
-    stand_in = ModuleStandIn(specs, cursor)
-    monitor = CompassMonitor(stand_in, run_dir, config=config, run_name=run_name, metadata=metadata)
-    monitor._checkpoint_stand_in = stand_in  # type: ignore[attr-defined]  # reloaded before each snapshot
+    monitor = _StandInMonitor(ModuleStandIn(specs), run_dir, cursor=cursor, config=config, run_name=run_name, metadata=metadata)
+    if {s.name for s in monitor.specs} != {s.name for s in specs}:  # the stand-in must select exactly the checkpoint's matrices
+        monitor.close()
+        raise CheckpointError("internal: the monitor selected other matrices than the checkpoint's; please report this")
     return monitor
 
 
@@ -98,6 +113,7 @@ def diff_checkpoints(
     run_name: str | None = None,
     metadata: dict[str, Any] | None = None,
     progress: bool | None = None,
+    device: str = "auto",
 ) -> DiffResult:
     """Write a run store with one snapshot per checkpoint, measured against ``base``.
 
@@ -109,6 +125,8 @@ def diff_checkpoints(
         run_name: the run's label (default: the folder name).
         metadata: facts to record; the base and checkpoint paths are added.
         progress: a progress bar (True), log lines (False), or decide from the terminal (None).
+        device: where the probe runs: ``cuda`` (principal masks and spectra are the costly part),
+            ``cpu``, or ``auto`` (cuda when available).
 
     Raises:
         CheckpointError: a checkpoint that cannot be read or does not fit the base (nothing written).
@@ -131,7 +149,9 @@ def diff_checkpoints(
         **(metadata or {}),
     }
     bar = _Progress(enabled=progress)
-    cursor = CheckpointCursor(base_source, on_first_read=bar.advance)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cursor = CheckpointCursor(base_source, on_first_read=bar.advance, device=device)
     seconds: dict[str, float] = {}
     began = time.perf_counter()
     bar.start("base", len(specs))
@@ -145,9 +165,6 @@ def diff_checkpoints(
             bar.start(f"step {ref.step} ({i + 1}/{len(checkpoints)})", len(specs))
             source = open_checkpoint(ref.path, base=base_source)
             cursor.move_to(source)
-            stand_in = getattr(monitor, "_checkpoint_stand_in", None)
-            if stand_in is not None:
-                stand_in.load_from()
             monitor.snapshot(ref.step)
             source.close()
             if not monitor.enabled:
@@ -173,4 +190,4 @@ def diff_checkpoints(
     if monitor.disabled_reason:
         raise CheckpointError(f"finishing the run store failed: {monitor.disabled_reason}")
     base_source.close()
-    return DiffResult(run_dir=Path(os.fspath(run_dir)), steps=[r.step for r in checkpoints], specs=specs, seconds=seconds)
+    return DiffResult(run_dir=Path(os.fspath(run_dir)), steps=[r.step for r in checkpoints], specs=list(monitor.specs), seconds=seconds)

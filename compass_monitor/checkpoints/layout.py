@@ -13,7 +13,7 @@ matrix (plus what the monitor itself keeps per matrix: W0's bf16 codes and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 
 import torch
@@ -23,7 +23,7 @@ from ..selection import ParamSpec
 from ..sharding import LocalShard, ShardLayout
 from .series import TensorSource
 
-__all__ = ["CheckpointCursor", "build_layout", "ModuleStandIn"]
+__all__ = ["CheckpointCursor", "build_layout", "ModuleStandIn", "LazyMatrices"]
 
 
 class CheckpointCursor:
@@ -33,11 +33,14 @@ class CheckpointCursor:
         source: the first checkpoint (the base).
         on_first_read: called with a matrix name the first time it is read from the current checkpoint
             (the progress bar advances on it; a second read, for the spectral diagnostics, does not count).
+        device: where the matrices go after reading (the probe then runs there: ``cuda`` for the
+            principal masks and spectra, the costly part).
     """
 
-    def __init__(self, source: TensorSource, *, on_first_read: Callable[[str], None] | None = None) -> None:
+    def __init__(self, source: TensorSource, *, on_first_read: Callable[[str], None] | None = None, device: str | torch.device = "cpu") -> None:
         self.source = source
         self.on_first_read = on_first_read
+        self.device = torch.device(device)
         self._read: set[str] = set()
 
     def move_to(self, source: TensorSource) -> None:
@@ -46,8 +49,10 @@ class CheckpointCursor:
         self._read = set()
 
     def load(self, name: str) -> torch.Tensor:
-        """``name`` from the current checkpoint, as a 1-D tensor in row-major order (its stored dtype)."""
+        """``name`` from the current checkpoint, as a 1-D tensor in row-major order (its stored dtype), on ``device``."""
         tensor = self.source.load(name)
+        if tensor.device != self.device:
+            tensor = tensor.to(self.device, non_blocking=False)
         if name not in self._read:
             self._read.add(name)
             if self.on_first_read is not None:
@@ -97,27 +102,22 @@ _Norm.__name__ = _Norm.__qualname__ = "CheckpointNorm"
 
 
 class ModuleStandIn(nn.Module):
-    """Today's monitor (which takes a model) driven from checkpoints: a module tree named like the checkpoint.
+    """A module tree named like the checkpoint, with shape-only (meta) parameters, for today's model-taking monitor.
 
-    Each monitored tensor becomes a parameter at its dotted name, under a
-    module whose class gives ``selection`` the same role the name gave; before
-    each snapshot :meth:`load_from` sets every parameter from the checkpoint.
-    This holds one whole checkpoint's monitored tensors in memory; the lazy
-    :func:`build_layout` path (``CompassMonitor.from_layout``) replaces it.
+    Each monitored tensor becomes a meta parameter at its dotted name, under a
+    module whose class gives ``selection`` the role the name gave, so the
+    monitor selects exactly ``specs``. It holds no data: the values come from
+    :class:`LazyMatrices`. Replaced by ``CompassMonitor.from_layout`` over
+    :func:`build_layout` once the monitor has it.
     """
 
-    def __init__(self, specs: list[ParamSpec], cursor: CheckpointCursor) -> None:
+    def __init__(self, specs: list[ParamSpec]) -> None:
         super().__init__()
-        self._cursor = cursor
-        self._specs = list(specs)
-        self._slots: dict[str, nn.Parameter] = {}
         for spec in specs:
             module_name, _, leaf = spec.name.rpartition(".")
-            module = self._module_at(module_name, _CLASSES[spec.role])
-            param = nn.Parameter(torch.empty(0), requires_grad=False)
-            module.register_parameter(leaf, param)
-            self._slots[spec.name] = param
-        self.load_from()
+            shape = spec.shape if spec.role in ("linear", "lm_head", "embedding") or spec.shape[0] != 1 else (spec.shape[1],)
+            param = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
+            self._module_at(module_name, _CLASSES[spec.role]).register_parameter(leaf, param)
 
     def _module_at(self, dotted: str, cls: type[nn.Module]) -> nn.Module:
         module: nn.Module = self
@@ -133,8 +133,26 @@ class ModuleStandIn(nn.Module):
             module = child
         return module
 
-    def load_from(self) -> None:
-        """Set every parameter to its tensor in the cursor's current checkpoint (stored dtype, stored shape)."""
+
+class LazyMatrices(Sequence[torch.Tensor]):
+    """The monitored matrices of the cursor's checkpoint, each read when the monitor reaches it and dropped after.
+
+    Iterating yields one tensor at a time (the probe's loops ``zip`` over it),
+    so at most one matrix of the checkpoint is in memory at once.
+    """
+
+    def __init__(self, specs: list[ParamSpec], cursor: CheckpointCursor) -> None:
+        self._specs = list(specs)
+        self._cursor = cursor
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._cursor.load(self._specs[index].name)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
         for spec in self._specs:
-            flat = self._cursor.load(spec.name)
-            self._slots[spec.name].data = flat.reshape(spec.shape) if spec.role in ("linear", "lm_head", "embedding") else flat
+            yield self._cursor.load(spec.name)

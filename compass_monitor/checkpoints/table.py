@@ -37,7 +37,8 @@ def table_row(run: Run, *, index: int = -1, spectral: bool = False) -> str:
     ordered = [t for t in _ORDER if t in types] + sorted(t for t in types if t not in _ORDER)
     t = index % run.num_snapshots
     lines = [
-        f"Table-1 row at step {int(run.steps[t])}: {overall.num_matrices} linear matrices, {overall.numel / 1e6:.2f}M weights",
+        f"Table-1 row at step {int(run.steps[t])}: {overall.num_matrices} linear {'matrix' if overall.num_matrices == 1 else 'matrices'}, "
+        f"{overall.numel / 1e6:.2f}M weights",
         f"  update sparsity (1 - |M|/n): all {overall.sparsity[t]:.4f}; " + ", ".join(f"{name} {types[name].sparsity[t]:.4f}" for name in ordered),
         "  overlap |X∩M|/|M| (random baseline, precision null):",
     ]
