@@ -97,7 +97,9 @@ def _monitor(specs: list[ParamSpec], cursor: CheckpointCursor, run_dir: Path, co
     if from_layout is not None:
         layout = build_layout(specs, cursor, facts={"source": "checkpoints"})
         return from_layout(layout, run_dir, config=config, run_name=run_name, metadata=metadata, model_class=model_class)
-    monitor = _StandInMonitor(ModuleStandIn(specs), run_dir, cursor=cursor, config=config, run_name=run_name, metadata=metadata)
+    # Named after the checkpoint's architecture: the monitor records the model's class name.
+    stand_in = type(model_class or "ModuleStandIn", (ModuleStandIn,), {})(specs)
+    monitor = _StandInMonitor(stand_in, run_dir, cursor=cursor, config=config, run_name=run_name, metadata=metadata)
     if {s.name for s in monitor.specs} != {s.name for s in specs}:  # the stand-in must select exactly the checkpoint's matrices
         monitor.close()
         raise CheckpointError("internal: the monitor selected other matrices than the checkpoint's; please report this")

@@ -138,7 +138,8 @@ class LazyMatrices(Sequence[torch.Tensor]):
     """The monitored matrices of the cursor's checkpoint, each read when the monitor reaches it and dropped after.
 
     Iterating yields one tensor at a time (the probe's loops ``zip`` over it),
-    so at most one matrix of the checkpoint is in memory at once.
+    so at most two matrices of the checkpoint are in memory at once (the one
+    measured, held by the loop, while the next is read).
     """
 
     def __init__(self, specs: list[ParamSpec], cursor: CheckpointCursor) -> None:
