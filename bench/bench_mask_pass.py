@@ -14,7 +14,10 @@ count fields. Timed side by side in one process, on the same tensors:
 
 Each method runs ``--repeats`` passes after a warm-up (compilation outside the
 timing), each pass ended by one ``torch.cuda.synchronize``; the median pass
-time is reported, with the bytes read and the bandwidth they imply. The fused
+time is reported, with the bytes read and the bandwidth they imply. On CUDA the
+fused pass and the floor are also replayed from a CUDA graph (``*_graph``): the
+device time without the host's per-matrix launches, so that eager minus replay
+shows what launching matrix by matrix costs. The fused
 outputs of the first matrices are checked equal to the torch branch's, and a
 fused pass runs under ``torch.cuda.set_sync_debug_mode("error")`` (it raises if
 anything inside synchronises with the host).
@@ -149,6 +152,31 @@ def time_pass(fn, mats, currents, device, repeats: int) -> list[float]:
     return times
 
 
+def time_graph_replay(fn, mats, currents, repeats: int) -> list[float]:
+    """Seconds of whole passes replayed from one CUDA graph: the device time alone, without the host's launches.
+
+    Eager minus replay is what launching the pass matrix by matrix costs on the host
+    (the case for one launch per group of matrices, if it is large).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+        [fn(mat, values) for mat, values in zip(mats, currents)]
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = [fn(mat, values) for mat, values in zip(mats, currents)]
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del outputs, graph
+    return times
+
+
 def check_equal(fns, mats, currents, count: int = 3) -> None:
     """The methods that produce outputs agree on the first matrices (bit for bit)."""
     names = [k for k in fns if k != "floor"]
@@ -240,6 +268,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             median = statistics.median(times)
             result["methods"][name] = {"median_s": median, "min_s": min(times), "times_s": times, "input_gb_per_s": nbytes / median / 1e9}
             print(f"{dtype_name} {name}: {median * 1e3:.2f} ms ({nbytes / median / 1e9:.2f} GB/s of inputs)", flush=True)
+        for name in ("fused", "floor") if device.type == "cuda" else ():
+            if name not in fns:
+                continue
+            try:
+                times = time_graph_replay(fns[name], mats, currents, args.repeats)
+            except Exception as exc:  # capture can fail on some set-ups: reported, not fatal
+                result["failed"][f"{name}_graph"] = f"{type(exc).__name__}: {exc}"[:2000]
+                continue
+            median = statistics.median(times)
+            result["methods"][f"{name}_graph"] = {"median_s": median, "min_s": min(times), "times_s": times, "input_gb_per_s": nbytes / median / 1e9}
+            print(f"{dtype_name} {name} (CUDA graph replay): {median * 1e3:.2f} ms ({nbytes / median / 1e9:.2f} GB/s)", flush=True)
         base = result["methods"]
         reference = "floor" if "floor" in base else next(iter(base))
         result["ratio_to_" + reference] = {k: v["median_s"] / base[reference]["median_s"] for k, v in base.items()}

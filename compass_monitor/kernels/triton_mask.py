@@ -168,6 +168,11 @@ def _flat_kernel(
     tl.atomic_add(cols_ptr + flat % n, ones, mask=hit)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: called from the host it goes through the JIT machinery (~10 us a call).
+    return -(-a // b)
+
+
 def _codes_operand(values: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The current values as the kernel reads them: fp32 bits (int32) or bf16 codes (int16)."""
     values = values.detach().reshape(-1)
@@ -243,17 +248,17 @@ def fused_mask_pass(
     packed = torch.empty(nbytes, dtype=torch.uint8, device=device)
     operands = (current, base, ref, prev, packed, rows, cols, counts)
     if n % 8 == 0:
-        tiles_m = triton.cdiv(nrows, _GRID_BM)
-        tiles_n = triton.cdiv(n, _GRID_BN)
+        tiles_m = _cdiv(nrows, _GRID_BM)
+        tiles_n = _cdiv(n, _GRID_BN)
         steps = 1
-        while steps < _MAX_ROW_STEPS and triton.cdiv(tiles_m, 2 * steps) * tiles_n >= _TARGET_PROGRAMS:
+        while steps < _MAX_ROW_STEPS and _cdiv(tiles_m, 2 * steps) * tiles_n >= _TARGET_PROGRAMS:
             steps *= 2
-        grid = (triton.cdiv(tiles_m, steps), tiles_n)
+        grid = (_cdiv(tiles_m, steps), tiles_n)
         _grid_kernel[grid](
             *operands, numel, n, nrows, start - first_row * n, nbytes,
             IS_FP32=is_fp32, BM=_GRID_BM, BN=_GRID_BN, ROW_STEPS=steps,
         )  # fmt: skip
     else:
-        grid = (triton.cdiv(nbytes, _FLAT_BYTES),)
+        grid = (_cdiv(nbytes, _FLAT_BYTES),)
         _flat_kernel[grid](*operands, start, numel, n, first_row, nbytes, IS_FP32=is_fp32, BYTES=_FLAT_BYTES)
     return counts, rows, cols, packed
