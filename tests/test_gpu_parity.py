@@ -121,6 +121,25 @@ def test_fused_and_torch_branch_equal_numpy(rng, shape, start, numel, dtype):
 
 
 @pytest.mark.skipif(DRY_RUN, reason="the fused kernel runs on CUDA only (its CPU tests: test_kernels_interpret.py)")
+def test_many_ranges_in_one_launch_equal_numpy(rng):
+    from compass_monitor import kernels
+
+    host_states, shapes, expected = [], [], []
+    for shape, start, numel, dtype in CASES[1:2] + CASES[3:]:  # mixed dtypes, slices, mid-byte starts, odd widths
+        w0 = _edge_values(numel, rng)
+        base = canonical_bits(bf16_bits(w0).clone())
+        current = (w0 * torch.from_numpy(np.where(rng.random(numel) < 0.3, 1.01, 1.0).astype(np.float32))).to(dtype)
+        host = _range_state(current, base, start, rng)
+        host_states.append(host)
+        shapes.append(shape)
+        expected.append([np.asarray(x) for x in _measure_range(host, shape, backend="numpy")])
+    got = kernels.fused_measure_ranges([_to(s, DEVICE) for s in host_states], shapes)
+    for (shape, *_), want, result in zip(CASES[1:2] + CASES[3:], expected, got):
+        for name, g, e in zip(("counts", "rows", "cols", "packed"), result, want):
+            np.testing.assert_array_equal(g.cpu().numpy(), e, err_msg=f"{shape} {name}")
+
+
+@pytest.mark.skipif(DRY_RUN, reason="the fused kernel runs on CUDA only (its CPU tests: test_kernels_interpret.py)")
 def test_the_fused_kernel_is_what_auto_runs():
     from compass_monitor import kernels
 
