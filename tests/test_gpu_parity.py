@@ -78,7 +78,11 @@ def _edge_values(numel: int, rng: np.random.Generator) -> torch.Tensor:
     """fp32 weights salted with +-0, subnormals, NaN, +-Inf, bf16 halfway points and the overflow to Inf."""
     w = rng.standard_normal(numel).astype(np.float32) * 0.02
     bits = w.view(np.uint32)
-    special = np.array([0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7FC00000, 0xFFC00001, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x3F808000, 0x3F818000, 0x3F807FFF], dtype=np.uint32)
+    special = np.array(
+        [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7FC00000, 0xFFC00001, 0x7F800000, 0xFF800000, 0x7F7FFFFF,
+         0x3F808000, 0x3F818000, 0x3F807FFF],
+        dtype=np.uint32,
+    )  # fmt: skip
     where = rng.choice(numel, size=min(numel, 4 * special.size), replace=False)
     bits[where] = np.resize(special, where.size)
     halfway = rng.random(numel) < 0.01  # exactly halfway between bf16 neighbours

@@ -5,16 +5,19 @@ as ``Tensor.to(torch.bfloat16)`` does, or bf16 codes) and the canonical bf16
 base codes once, and writes the packed changed mask (``np.packbits`` order over
 the global flat index), the row and column change counts and the count fields
 (``schema.COUNT_FIELDS``). The semantics, bit for bit, are those of
-``matrix_probe.changed_np`` / ``counts_np`` and of ``distributed._measure_range``
-for a flat range ``[start, start + numel)`` of an ``(m, n)`` matrix.
+``matrix_probe.changed_np`` / ``counts_np`` and of the probe's range measurement
+(``_measure_range``) for a flat range ``[start, start + numel)`` of an ``(m, n)`` matrix.
 
-Two kernels:
+Kernels:
 
 * ``_grid_kernel`` when ``n`` is a multiple of 8 (every byte of the packed mask
   is 8 consecutive columns of one row, whatever ``start`` is: row-sharded
   slices and FSDP1 ranges that start mid-row or mid-byte alike): 2-D tiles, row
   and column sums and counts reduced in registers, one atomic add per row /
   column / count field per program (rows: per row tile).
+* ``_grid_group_kernel``: the same programs for many ranges in one launch
+  (``fused_mask_pass_many``), each program finding its range in a device table
+  of pointers and sizes; the host's cost per launch then stops mattering.
 * ``_flat_kernel`` otherwise (odd widths): 1-D tiles of whole bytes; row and
   column sums by atomic adds of the changed elements only.
 
@@ -324,7 +327,8 @@ def fused_mask_pass_many(
         starts = [0]
         a_off = p_off = 0
         for i, r, (tiles_m, tiles_n), size in zip(members, items, tiles, sizes):
-            counts, rows, cols = acc[a_off : a_off + 12].view(torch.int64), acc[a_off + 12 : a_off + 12 + r.nrows], acc[a_off + 12 + r.nrows : a_off + 12 + r.nrows + r.n]
+            block = acc[a_off : a_off + size]
+            counts, rows, cols = block[:12].view(torch.int64), block[12 : 12 + r.nrows], block[12 + r.nrows : 12 + r.nrows + r.n]
             mask = packed[p_off : p_off + r.nbytes]
             out[i] = (counts, rows, cols, mask)
             a_off += size
