@@ -48,15 +48,18 @@ class SyntheticSpec:
     principal_rank: int = 8
 
 
-def synthetic_params(spec: SyntheticSpec, *, limit: int | None = None) -> list[ParamInfo]:
-    """Parameter specs in the order a Llama-style model names them."""
+def synthetic_params(spec: SyntheticSpec, *, limit: int | None = None, geometry: dict[str, dict] | None = None) -> list[ParamInfo]:
+    """Parameter specs in the order a Llama-style model names them; ``geometry`` adds facts per module type
+    (e.g. ``{"k": {"heads": 2}}``) to the records the store keeps."""
+    geometry = geometry or {}
     h, f = spec.hidden, spec.intermediate
     shapes = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (f, h), "up": (f, h), "down": (h, f)}
     params = []
     for layer in range(spec.layers):
         for kind in _ATTN + _MLP:
             name = f"model.layers.{layer}.{_NAMES[kind]}.weight"
-            params.append(ParamInfo(len(params), schema.param_id(len(params)), name, "linear", kind, layer, shapes[kind]))
+            params.append(ParamInfo(name=name, role="linear", module_type=kind, layer=layer, shape=shapes[kind], index=len(params),
+                                    extra=dict(geometry.get(kind, {}))))
     return params[:limit] if limit is not None else params
 
 
@@ -150,10 +153,11 @@ def _base(writer: RunWriter, models: list[_MaskModel]) -> None:
 class SyntheticWriter:
     """Appends seeded synthetic snapshots to a new run store, one call at a time."""
 
-    def __init__(self, path: str | Path, *, spec: SyntheticSpec | None = None, seed: int = 0, name: str | None = None) -> None:
+    def __init__(self, path: str | Path, *, spec: SyntheticSpec | None = None, seed: int = 0, name: str | None = None,
+                 geometry: dict[str, dict] | None = None) -> None:
         self.spec = spec or SyntheticSpec()
         self.rng = np.random.default_rng(seed)
-        params = synthetic_params(self.spec)
+        params = synthetic_params(self.spec, geometry=geometry)
         speeds = 0.02 + 0.25 * self.rng.random(len(params))
         self.models = [_MaskModel(p, self.spec, self.rng, float(s)) for p, s in zip(params, speeds)]
         self.writer = RunWriter.create(Path(path), params=params, attributes=_attributes(self.spec, name or Path(path).name, seed))

@@ -31,10 +31,7 @@ READERS = (
 )
 
 #: import circles still in the code, as sets of modules; each entry goes when its circle goes
-KNOWN_CIRCLES: set[frozenset[str]] = {
-    # removed by the core redesign (issue 10)
-    frozenset({"compass_monitor.monitor", "compass_monitor.sharded_monitor", "compass_monitor.sharded_resume"}),
-}
+KNOWN_CIRCLES: set[frozenset[str]] = set()
 
 
 def imported_by(statement: str) -> set[str]:

@@ -1,50 +1,53 @@
 """Head boundaries come from the model's geometry: per matrix (GQA), else the run's, else --head-dim; never a guess.
 
-The store's per-matrix records do not carry ``head_dim`` / ``heads`` yet (the core records them from the model's
-config, issue 10/16); :func:`matrix_head_dim` reads them when present, which the first test holds with records
-that have them, and falls back to the run's metadata, which the pilot tests hold on real stores.
+Per-matrix facts (``head_dim``, ``heads``) live in the store's records of the matrices (``MatrixSpec.extra``,
+written and read back by the store); the first test writes a real store whose records carry them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import pytest
 import zarr
 
+from compass_monitor import open_run
 from compass_monitor.store import ParamInfo
 from compass_monitor.tui.data import head_boundaries, head_dim_for, matrix_head_dim
-from synthetic_runs import SyntheticSpec, write_synthetic_run
+from synthetic_runs import SyntheticSpec, SyntheticWriter, write_synthetic_run
 from tui_helpers import text_of, wait_for
 
 
-@dataclasses.dataclass(frozen=True)
-class RecordWithGeometry(ParamInfo):
-    """A store record as the core writes it with the model's geometry (None in stores written before)."""
-
-    head_dim: int | None = None
-    heads: int | None = None
+def record(kind: str, shape: tuple[int, int], **geometry) -> ParamInfo:
+    return ParamInfo(name=f"model.layers.0.self_attn.{kind}_proj.weight", role="linear", module_type=kind, layer=0, shape=shape,
+                     index=0, extra=geometry)
 
 
-def record(kind: str, shape: tuple[int, int], **geometry) -> RecordWithGeometry:
-    return RecordWithGeometry(0, "p0000", f"model.layers.0.self_attn.{kind}_proj.weight", "linear", kind, 0, shape, **geometry)
+def test_per_matrix_geometry_from_the_store_first(tmp_path):
+    # Grouped-query attention: 4 q heads of 16 and 2 k/v heads (k and v are 64 x 64 here, so 2 heads of 32 rows
+    # each as recorded), o by its own head_dim; the run's metadata would say 8 (SyntheticSpec's head_dim).
+    writer = SyntheticWriter(tmp_path / "run", spec=SyntheticSpec(layers=1, hidden=64, head_dim=8),
+                             geometry={"q": {"heads": 4}, "k": {"heads": 2}, "v": {"heads": 2}, "o": {"head_dim": 16}})
+    writer.append()
+    writer.finish()
+    run = open_run(tmp_path / "run")
+    by_type = {p.module_type: p for p in run.params}
+    assert by_type["k"].get("heads") == 2  # the store kept the fact
+    sizes = {kind: matrix_head_dim(by_type[kind], run.attrs) for kind in ("q", "k", "v", "o", "up")}
+    assert sizes == {"q": 16, "k": 32, "v": 32, "o": 16, "up": 8}  # up: no heads of its own, the run's value
+    assert head_boundaries(by_type["k"], sizes["k"], "rows") == [32]
+    assert head_boundaries(by_type["o"], sizes["o"], "cols") == [16, 32, 48]
 
 
-def test_per_matrix_geometry_first_then_the_run_then_the_flag():
-    # Grouped-query attention, Llama-style: 8 q heads and 2 k/v heads of 16 over a hidden size of 128.
-    q, k, o = record("q", (128, 128), heads=8), record("k", (32, 128), heads=2), record("o", (128, 128), head_dim=16)
-    run_attrs = {"metadata": {"model_config": {"hidden_size": 128, "num_attention_heads": 4}}}  # would say 32
-    assert matrix_head_dim(q, run_attrs) == 16 and matrix_head_dim(k, run_attrs) == 16 and matrix_head_dim(o, run_attrs) == 16
-    assert head_boundaries(k, matrix_head_dim(k, run_attrs), "rows") == [16]
-    assert head_boundaries(o, matrix_head_dim(o, run_attrs), "cols") == list(range(16, 128, 16))
-    # Old stores: no per-matrix values -> the run's geometry, then --head-dim, else nothing (no default of 64).
-    old = record("q", (128, 128))
+def test_run_geometry_then_the_flag_then_nothing():
+    old = record("q", (128, 128))  # a store written before per-matrix facts: none
+    run_attrs = {"metadata": {"model_config": {"hidden_size": 128, "num_attention_heads": 4}}}
     assert matrix_head_dim(old, run_attrs) == 32
     assert matrix_head_dim(old, {"metadata": {}}, 64) == 64
-    assert matrix_head_dim(old, {"metadata": {}}) is None and head_boundaries(old, None, "rows") == []
+    assert matrix_head_dim(old, {"metadata": {}}) is None and head_boundaries(old, None, "rows") == []  # no default of 64
     assert matrix_head_dim(record("q", (128, 128), heads=3), {"metadata": {}}) is None  # 128 rows do not split in 3
-    # The run-level facts the core records at the top of the store's attributes win over user metadata.
+    assert matrix_head_dim(record("q", (128, 128), head_dim=64), run_attrs) == 64  # the matrix's own fact wins
+    # Run-level facts at the top of the store's attributes win over user metadata.
     assert head_dim_for({"hidden_size": 384, "num_attention_heads": 12, "metadata": {"head_dim": 64}}) == 32
     assert head_dim_for({"metadata": {"head_dim": True}}) is None  # not a size
 

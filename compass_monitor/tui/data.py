@@ -387,18 +387,25 @@ def head_dim_for(attrs: dict[str, Any], fallback: int | None = None) -> int | No
     return fallback
 
 
+def _fact(p: ParamInfo, key: str) -> Any:
+    """An optional fact of a store record (``MatrixSpec.get``: its ``extra``), None when not recorded."""
+    get = getattr(p, "get", None)
+    return get(key) if callable(get) else getattr(p, key, None)
+
+
 def matrix_head_dim(p: ParamInfo, attrs: dict[str, Any], fallback: int | None = None) -> int | None:
-    """Head size of one matrix: its own record first (``head_dim``, or its size over ``heads``), then the run's.
+    """Head size of one matrix: its own record first (``head_dim``, or its size over ``heads``, facts the
+    store keeps in the record's ``extra``), then the run's.
 
     Per-matrix values (recorded by the monitor from the model's config) matter for
     grouped-query attention, where q and k/v have different head counts; stores
     written before they were recorded have neither (None) and fall back to
     :func:`head_dim_for`.
     """
-    own = _positive_int(getattr(p, "head_dim", None))
+    own = _positive_int(_fact(p, "head_dim"))
     if own is not None:
         return own
-    heads = _positive_int(getattr(p, "heads", None))
+    heads = _positive_int(_fact(p, "heads"))
     if heads is not None and p.module_type in HEAD_TYPES:
         size = p.shape[1] if p.module_type == "o" else p.shape[0]
         if size % heads == 0:
