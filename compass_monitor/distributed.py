@@ -73,8 +73,8 @@ from .bf16 import ABS_MASK, INF_BITS, bf16_bits, canonical_bits, changed_from_bi
 from .bitpack import pack_bits
 from .config import MonitorConfig
 from .matrix_probe import _FP_CHUNK, _FP_MOD, _FP_MULTIPLIERS, changed_np, counts_np, counts_torch
+from .precision_null import NUM_CLASSES as _NUM_CLASSES
 from .precision_null import class_counts as _class_counts
-from .precision_null import spacing_class
 from .principal import gram_from_symmetric, gram_parts, project_rows, scale_exponent, top_basis
 from .reference_masks import select_count
 from .sharding import LocalShard, ShardingError, ShardLayout
@@ -544,7 +544,7 @@ class ShardedCore:
     def capture_base(self, *, want_codes: bool = False) -> dict[str, Any]:
         """Take W0 of every local range and compute the reference masks in global coordinates.
 
-        Returns, on every rank, ``class_counts`` (P, 4, 512), ``fingerprints``
+        Returns, on every rank, ``class_counts`` (P, 4, precision_null.NUM_CLASSES), ``fingerprints``
         (P, 2), ``nonfinite`` (P,) (global, int64 numpy); on rank 0 also
         ``reference_packed`` (per matrix, (3, nbytes) uint8 of the whole matrix)
         and, with ``want_codes``, ``base_codes`` (per matrix, (m*n,) int16).
@@ -552,10 +552,11 @@ class ShardedCore:
         self.comm.phase = "base"
         cfg = self.config
         P = len(self.layout.shards)
-        reduce_buf = torch.zeros(P * (4 * 512 + 2 + 1), dtype=torch.int64)
-        class_block = reduce_buf[: P * 4 * 512].view(P, 4, 512)
-        fp_block = reduce_buf[P * 4 * 512 : P * (4 * 512 + 2)].view(P, 2)
-        bad_block = reduce_buf[P * (4 * 512 + 2) :]
+        C = 4 * _NUM_CLASSES
+        reduce_buf = torch.zeros(P * (C + 2 + 1), dtype=torch.int64)
+        class_block = reduce_buf[: P * C].view(P, 4, _NUM_CLASSES)
+        fp_block = reduce_buf[P * C : P * (C + 2)].view(P, 2)
+        bad_block = reduce_buf[P * (C + 2) :]
         states: list[ShardState | None] = [None] * P
         for group in self._base_groups():
             bits_of: dict[int, torch.Tensor] = {}
@@ -587,7 +588,7 @@ class ShardedCore:
                 principal, low = masks[2 * j], masks[2 * j + 1]
                 pnl = principal & ~low
                 if numel:
-                    class_block[p] = _class_counts(spacing_class(bits), [principal, low, pnl]).cpu()
+                    class_block[p] = _class_counts(shard.local(), [principal, low, pnl]).cpu()  # original W0 (precision null)
                     fp_block[p] = fingerprint_partial(bits, start).cpu()
                     bad_block[p] = int(((bits & ABS_MASK) >= INF_BITS).sum())
                     reference = torch.stack([pack_aligned(principal, start), pack_aligned(low, start), pack_aligned(pnl, start)])

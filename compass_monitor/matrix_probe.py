@@ -19,7 +19,7 @@ import torch
 
 from .bf16 import bf16_bits, canonical_bits, changed_from_bits, ABS_MASK, INF_BITS
 from .bitpack import pack_bits, popcount
-from .precision_null import class_counts, spacing_class
+from .precision_null import class_counts
 from .principal import principal_mask
 from .reference_masks import low_magnitude_mask
 from .selection import ParamSpec
@@ -96,7 +96,7 @@ def capture_base(spec: ParamSpec, weight: torch.Tensor, *, rank: int, alpha: flo
     """Take W0 for one matrix.
 
     Returns:
-        (state, class_counts (4, 512) int64, fingerprint (2,) int64,
+        (state, class_counts (4, precision_null.NUM_CLASSES) int64, fingerprint (2,) int64,
         nonfinite count (0-d int64)), all on the weight's device.
     """
     matrix = as_matrix(weight, spec)
@@ -110,7 +110,7 @@ def capture_base(spec: ParamSpec, weight: torch.Tensor, *, rank: int, alpha: flo
     low = low_magnitude_mask(w0, alpha)
     principal_not_low = principal & ~low
     reference = torch.stack([pack_bits(principal), pack_bits(low), pack_bits(principal_not_low)])
-    counts = class_counts(spacing_class(bits), [principal, low, principal_not_low])
+    counts = class_counts(matrix, [principal, low, principal_not_low])  # from the original W0 (precision null)
     state = MatrixBase(spec=spec, base_bits=bits, reference_packed=reference, previous_packed=torch.zeros_like(reference[0]))
     return state, counts, base_fingerprint(bits), nonfinite
 

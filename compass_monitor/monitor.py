@@ -35,7 +35,7 @@ from . import __version__ as _version
 from .aggregates import aggregate_counts, by_module_type, everything_linear, scalars
 from .config import MonitorConfig
 from .matrix_probe import MatrixBase, capture_base, measure
-from .precision_null import null_overlaps
+from .precision_null import class_attributes, null_overlaps
 from .selection import ParamSpec, select_parameters
 from .spectral import SpectralBase, SpectralConfig, SpectralDrift, spectral_base, spectral_drift_checked
 from .store import schema
@@ -51,7 +51,7 @@ METHODS = {
     "changed": "bitwise bf16 inequality, +0 == -0, NaN always changed (paper Def. 2.1, App. D.2)",
     "principal_mask": "top-alpha of |rank-k reconstruction of W0|: top-k eigenvectors (float64 eigh) of the exact fixed-point Gram matrix of the smaller side, projection in float64 chunks of 256 global rows, rounded to float32; identical bits on any number of ranks (compass_monitor.principal); exact count floor(alpha*n), ties by lowest flat index",
     "low_mask": "bottom-alpha of |W0|, exact count floor(alpha*n), ties by lowest flat index",
-    "precision_null": "i.i.d. Gaussian noise sized to flip |M| weights in expectation, closed form over 512 bf16 spacing classes",
+    "precision_null": "i.i.d. Gaussian noise added to the original W0, sized to flip |M| bf16 values in expectation; closed form over classes of bf16 spacing x position of W0 in its rounding cell (layout and on-/off-grid case: attributes of base/class_counts)",
 }
 
 
@@ -153,6 +153,7 @@ class CompassMonitor:
         self.writer.submit_base(
             fingerprints=fingerprints,
             class_counts=class_counts,
+            class_attributes=class_attributes(class_counts),
             reference_packed=[state.reference_packed.cpu().numpy() for state in self._states],
             base_codes=[state.base_bits.cpu().numpy() for state in self._states] if self.config.store_base else None,
         )

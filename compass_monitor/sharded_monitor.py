@@ -39,7 +39,7 @@ from torch import nn
 from .config import MonitorConfig
 from .distributed import LocalSnapshot, ShardedCore
 from .monitor import CompassMonitor, spectral_row
-from .precision_null import null_overlaps
+from .precision_null import class_attributes, null_overlaps
 from .spectral import SpectralBase, spectral_base, spectral_drift_checked
 from .store import schema
 from .store.writer import RunWriter, SnapshotRecord
@@ -171,6 +171,7 @@ class ShardedMonitor(CompassMonitor):
             self.writer.submit_base(
                 fingerprints=base["fingerprints"],
                 class_counts=base["class_counts"],
+                class_attributes=class_attributes(base["class_counts"]),
                 reference_packed=base["reference_packed"],
                 base_codes=base.get("base_codes"),
             )
