@@ -246,7 +246,7 @@ class _Model:
 
     The closed form of an interval needs ``Q``, ``phi`` and ``G`` only at its two
     edges, which it shares with its neighbours: they are evaluated once per
-    (matrix, spacing class, side, edge), in float64 torch.
+    (matrix, spacing class, side, edge). float64 numpy; ``erfc`` from torch.
     """
 
     def __init__(self, counts: np.ndarray, changed: np.ndarray):
@@ -260,21 +260,22 @@ class _Model:
         by_bin = _by_bin(counts)[..., :510]  # non-finite classes (exponent 255) never flip
         # Only spacing classes that hold weights are evaluated (a matrix uses a few dozen of 512).
         used = np.flatnonzero(by_bin[:, 0].any(axis=(0, 1)))
-        self.counts = torch.from_numpy(np.ascontiguousarray(by_bin[..., used], dtype=np.float64))  # (P, R, bins, S)
-        self.changed = changed
-        self.off_grid = bool(self.counts.shape[2] > 1 and self.counts[:, 0, 1:].any())
+        self.off_grid = bool(by_bin.shape[2] > 1 and by_bin[:, 0, 1:].any())
         if not self.off_grid:  # a bf16 base: the former closed form, and the same sums
-            self.counts = self.counts[:, :, :1]
-        up, down = (torch.from_numpy(g[used]) for g in class_half_gaps())
-        self.up, self.down = up, down
-        edges = torch.from_numpy(POSITION_EDGES)[:, None]
-        # Per side (toward zero: h = down; away: h = up), the near and far distances at each edge, (2, 33, S).
-        g = torch.stack([edges * down, edges * up])
-        self.near_distance = torch.stack([down, up])[:, None, :] - g
-        self.far_distance = torch.stack([up, down])[:, None, :] + g
-        self.span = g[:, 1:] - g[:, :-1]  # (2, 32, S)
+            by_bin = by_bin[:, :, :1]
+        self.counts = np.ascontiguousarray(by_bin[..., used], dtype=np.float64)  # (P, R, bins, S)
+        self.changed = changed
+        self.up, self.down = _UP[used], _DOWN[used]
+        edges = POSITION_EDGES[:, None]
+        # Per side (toward zero: h = down; away: h = up), the near and far distances at each edge,
+        # stacked: (2 [near, far], 2 [side], 31 [edge], S).
+        g = np.stack([edges * self.down, edges * self.up])
+        near = np.stack([self.down, self.up])[:, None, :] - g
+        far = np.stack([self.up, self.down])[:, None, :] + g
+        self.distances = np.stack([near, far])
+        self.span = g[:, 1:] - g[:, :-1]  # (2, 30, S)
 
-    def probabilities(self, log2_s: torch.Tensor, mode: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(self, log2_s: np.ndarray, mode: str = "mean") -> tuple[np.ndarray, np.ndarray]:
         """p_c(s) and s dp_c/ds, each (P, bins, S).
 
         ``mode``: ``mean`` (the class's flip probability), or the ``high`` /
@@ -282,77 +283,87 @@ class _Model:
         monotone inside every interval, whose edges include the point where a
         power-of-two cell's nearer boundary changes side).
         """
-        s = torch.exp2(log2_s)[:, None]
+        s = np.exp2(log2_s)[:, None]
         scale = s * math.sqrt(2.0)
         up, down = self.up[None, :] / scale, self.down[None, :] / scale
         # On the grid: the former closed form, term for term.
-        grid = 0.5 * (torch.special.erfc(up) + torch.special.erfc(down))
+        grid = 0.5 * (_erfc(up) + _erfc(down))
         grid_slope = _slope(up * math.sqrt(2.0)) + _slope(down * math.sqrt(2.0))
         if not self.off_grid:
             return grid[:, None, :], grid_slope[:, None, :]
-        s4 = s[:, None, None, :].reshape(-1, 1, 1, 1)
-        xn, xf = self.near_distance[None] / s4, self.far_distance[None] / s4  # (P, 2, 33, S)
-        qn, qf = 0.5 * torch.special.erfc(xn / math.sqrt(2.0)), 0.5 * torch.special.erfc(xf / math.sqrt(2.0))
-        phin, phif = torch.exp(-0.5 * xn * xn) / _SQRT_2PI, torch.exp(-0.5 * xf * xf) / _SQRT_2PI
-        edge_p, edge_slope = qn + qf, xn * phin + xf * phif
+        s5 = s.reshape(-1, 1, 1, 1, 1)
+        x = self.distances[None] / s5  # (P, 2, 2, 31, S): near / far, side, edge
+        q = 0.5 * _erfc(x / math.sqrt(2.0))
+        phi = np.exp(-0.5 * x * x) / _SQRT_2PI
+        edge_p = q[:, 0] + q[:, 1]
+        edge_slope = (x * phi).sum(axis=1)
         left, right = edge_p[:, :, :-1], edge_p[:, :, 1:]
         if mode == "high" or mode == "low":
             take_left = (left >= right) if mode == "high" else (left <= right)
-            interval = torch.where(take_left, left, right)
-            interval_slope = torch.where(take_left, edge_slope[:, :, :-1], edge_slope[:, :, 1:])
+            interval = np.where(take_left, left, right)
+            interval_slope = np.where(take_left, edge_slope[:, :, :-1], edge_slope[:, :, 1:])
         else:
-            gn, gf = xn * qn - phin, xf * qf - phif
-            span = self.span[None] / s4
+            gee = x * q - phi
+            span = self.span[None] / s.reshape(-1, 1, 1, 1)
             # Mean over g of Q((h - g)/s) + Q((h' + g)/s): integrals of Q via G.
-            mean = (gn[:, :, :-1] - gn[:, :, 1:] + gf[:, :, 1:] - gf[:, :, :-1]) / span
-            mean_slope = (phin[:, :, 1:] - phin[:, :, :-1] + phif[:, :, :-1] - phif[:, :, 1:]) / span
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mean = (gee[:, 0, :, :-1] - gee[:, 0, :, 1:] + gee[:, 1, :, 1:] - gee[:, 1, :, :-1]) / span
+                mean_slope = (phi[:, 0, :, 1:] - phi[:, 0, :, :-1] + phi[:, 1, :, :-1] - phi[:, 1, :, 1:]) / span
             wide = span > _MIDPOINT_WIDTH  # else the trapezoid rule
-            interval = torch.where(wide, mean, 0.5 * (left + right))
-            interval_slope = torch.where(wide, mean_slope, 0.5 * (edge_slope[:, :, :-1] + edge_slope[:, :, 1:]))
+            interval = np.where(wide, mean, 0.5 * (left + right))
+            interval_slope = np.where(wide, mean_slope, 0.5 * (edge_slope[:, :, :-1] + edge_slope[:, :, 1:]))
         # A tie: half the noise leaves at once, the other half must cross the whole cell.
-        tie, tie_slope = edge_p[:, 0, -1:], edge_slope[:, 0, -1:]
-        quarters = list(_QUARTER_EDGES)
         P, S = grid.shape
-        p = torch.cat([grid[:, None], tie, interval.reshape(P, -1, S), edge_p[:, :, quarters].reshape(P, -1, S)], dim=1)
-        slope = torch.cat(
-            [grid_slope[:, None], tie_slope, interval_slope.reshape(P, -1, S), edge_slope[:, :, quarters].reshape(P, -1, S)], dim=1
+        quarters = list(_QUARTER_EDGES)
+        p = np.concatenate([grid[:, None], edge_p[:, 0, -1:], interval.reshape(P, -1, S), edge_p[:, :, quarters].reshape(P, -1, S)], axis=1)
+        slope = np.concatenate(
+            [grid_slope[:, None], edge_slope[:, 0, -1:], interval_slope.reshape(P, -1, S), edge_slope[:, :, quarters].reshape(P, -1, S)],
+            axis=1,
         )
         return p, slope
 
-    def solve(self, target: np.ndarray, mode: str = "mean") -> torch.Tensor:
+    def solve(self, target: np.ndarray, mode: str = "mean") -> np.ndarray:
         """log2 s (P,) at which the expected flip count is ``target``: Newton in log2 s inside a bisection bracket."""
         n = self.counts[:, 0]
-        goal = torch.from_numpy(target)
-        lo = torch.full(goal.shape, _LOG2_LO, dtype=torch.float64)
-        hi = torch.full(goal.shape, _LOG2_HI, dtype=torch.float64)
+        lo = np.full(target.shape, _LOG2_LO)
+        hi = np.full(target.shape, _LOG2_HI)
         # Start where a typical weight's spacing is: the count-weighted mean log2 half-gap, 2 octaves down.
-        weight = n.sum(dim=1)
-        total = weight.sum(dim=1)
-        y = torch.where(total > 0, (weight * torch.log2(self.up)).sum(dim=1) / total.clamp_min(1.0) - 2.0, 0.5 * (lo + hi))
+        weight = n.sum(axis=1)
+        total = weight.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = np.where(total > 0, (weight * np.log2(self.up)).sum(axis=1) / np.maximum(total, 1.0) - 2.0, 0.5 * (lo + hi))
         for _ in range(_MAX_ITERATIONS):
             p, slope = self.probabilities(y, mode)
-            f = (n * p).sum(dim=(1, 2)) - goal
-            fprime = (n * slope).sum(dim=(1, 2)) * math.log(2.0)
+            f = (n * p).sum(axis=(1, 2)) - target
+            fprime = (n * slope).sum(axis=(1, 2)) * math.log(2.0)
             above = f > 0
-            hi = torch.where(above, y, hi)
-            lo = torch.where(above, lo, y)
-            done = (f.abs() <= _RTOL * goal.clamp_min(1.0)) | (hi - lo <= _YTOL)
-            if bool(done.all()):
+            hi = np.where(above, y, hi)
+            lo = np.where(above, lo, y)
+            done = (np.abs(f) <= _RTOL * np.maximum(target, 1.0)) | (hi - lo <= _YTOL)
+            if done.all():
                 break
-            step = y - f / fprime
-            inside = torch.isfinite(step) & (step > lo) & (step < hi)
-            y = torch.where(done, y, torch.where(inside, step, 0.5 * (lo + hi)))
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                step = y - f / fprime
+            inside = np.isfinite(step) & (step > lo) & (step < hi)
+            y = np.where(done, y, np.where(inside, step, 0.5 * (lo + hi)))
         return y
 
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _MAX_ITERATIONS = 200
 _RTOL, _YTOL = 1e-13, 1e-12
+_UP, _DOWN = class_half_gaps()
+_UP.flags.writeable = _DOWN.flags.writeable = False
 
 
-def _slope(x: torch.Tensor) -> torch.Tensor:
+def _erfc(x: np.ndarray) -> np.ndarray:
+    """erfc of a float64 array (torch's, on a zero-copy view: numpy has none)."""
+    return torch.special.erfc(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+def _slope(x: np.ndarray) -> np.ndarray:
     """s dQ(d/s)/ds = x phi(x) at x = d/s."""
-    return x * torch.exp(-0.5 * x * x) / _SQRT_2PI
+    return x * np.exp(-0.5 * x * x) / _SQRT_2PI
 
 
 def null_overlaps(counts: np.ndarray, changed: np.ndarray) -> np.ndarray:
@@ -375,10 +386,10 @@ def null_overlaps(counts: np.ndarray, changed: np.ndarray) -> np.ndarray:
     """
     model = _Model(counts, changed)
     n = model.counts
-    target = np.minimum(model.changed, n[:, 0].sum(dim=(1, 2)).numpy())
+    target = np.minimum(model.changed, n[:, 0].sum(axis=(1, 2)))
     p, _ = model.probabilities(model.solve(target))
-    expected_total = (n[:, 0] * p).sum(dim=(1, 2)).numpy()
-    expected_in = (n[:, 1:] * p[:, None]).sum(dim=(2, 3)).numpy()
+    expected_total = (n[:, 0] * p).sum(axis=(1, 2))
+    expected_in = (n[:, 1:] * p[:, None]).sum(axis=(2, 3))
     with np.errstate(divide="ignore", invalid="ignore"):
         result = expected_in / expected_total[:, None]
     result[model.changed <= 0] = np.nan
@@ -401,20 +412,19 @@ def null_bounds(counts: np.ndarray, changed: np.ndarray) -> tuple[np.ndarray, np
     """
     model = _Model(counts, changed)
     n = model.counts
-    finite = n[:, 0].sum(dim=(1, 2)).numpy()
-    target = np.minimum(model.changed, finite)
+    target = np.minimum(model.changed, n[:, 0].sum(axis=(1, 2)))
     y_small, y_large = model.solve(target, "high"), model.solve(target, "low")  # the scales the data allow
     low_small, high_large = model.probabilities(y_small, "low")[0], model.probabilities(y_large, "high")[0]
     # Below half the ties no scale flips as few as |M|: the exact null is then its s -> 0 limit.
-    reached = torch.minimum((n[:, 0] * model.probabilities(y_small, "high")[0]).sum(dim=(1, 2)), (n[:, 0] * low_small).sum(dim=(1, 2)))
-    target = np.maximum(target, reached.numpy())
+    reached = np.minimum((n[:, 0] * model.probabilities(y_small, "high")[0]).sum(axis=(1, 2)), (n[:, 0] * low_small).sum(axis=(1, 2)))
+    target = np.maximum(target, reached)
     inside = n[:, 1:]
     outside = n[:, :1] - inside
-    goal = torch.from_numpy(target)[:, None]
-    lower = torch.maximum((inside * low_small[:, None]).sum(dim=(2, 3)), goal - (outside * high_large[:, None]).sum(dim=(2, 3)))
-    upper = torch.minimum((inside * high_large[:, None]).sum(dim=(2, 3)), goal - (outside * low_small[:, None]).sum(dim=(2, 3)))
+    goal = target[:, None]
+    lower = np.maximum((inside * low_small[:, None]).sum(axis=(2, 3)), goal - (outside * high_large[:, None]).sum(axis=(2, 3)))
+    upper = np.minimum((inside * high_large[:, None]).sum(axis=(2, 3)), goal - (outside * low_small[:, None]).sum(axis=(2, 3)))
     with np.errstate(divide="ignore", invalid="ignore"):
-        lower, upper = (np.clip(b.numpy() / target[:, None], 0.0, 1.0) for b in (lower, upper))
+        lower, upper = np.clip(lower / goal, 0.0, 1.0), np.clip(upper / goal, 0.0, 1.0)
     lower[model.changed <= 0] = np.nan
     upper[model.changed <= 0] = np.nan
     return lower, upper
