@@ -35,7 +35,7 @@ from compass_monitor.precision_null import (
     null_overlaps,
     spacing_class,
 )
-from compass_monitor.reference_masks import low_magnitude_mask, principal_mask
+from references import low_magnitude_mask, principal_mask
 
 MAX_FINITE_MAG = 0x7F7F
 
