@@ -332,8 +332,8 @@ def test_point_classes_are_exact(rng):
 
 
 def test_binning_error_on_fp32_minilm(rng, minilm):
-    """The stated bound: on real fp32 weights the binned null is within 2e-3 of the per-weight one
-    wherever |M| >= 1% of the matrix, 1e-3 from 3%; exact on the fp16-like pooler; the
+    """The stated bound: on real fp32 weights the binned null is within 3e-3 of the per-weight one
+    wherever |M| >= 1% of the matrix, 1e-3 from 10%; exact on the fp16-like pooler; the
     spacing-only null (the former one) is far off."""
     for name in ("encoder.layer.2.attention.self.key.weight", "pooler.dense.weight"):
         w = minilm[name]
@@ -346,7 +346,7 @@ def test_binning_error_on_fp32_minilm(rng, minilm):
             changed = density * w.size
             exact = weight_null(w, masks, changed)
             got = null_overlaps(counts, np.array([changed]))[0]
-            bound = 1e-9 if name.startswith("pooler") else 2e-3 if density < 0.03 else 1e-3
+            bound = 1e-9 if name.startswith("pooler") else 3e-3 if density < 0.1 else 1e-3
             assert np.abs(got - exact).max() <= bound, (name, density, dict(zip(names, got - exact)))
             lower, upper = null_bounds(counts, np.array([changed]))
             assert np.all((lower[0] <= exact + 1e-12) & (exact <= upper[0] + 1e-12)), (name, density, lower, exact, upper)
