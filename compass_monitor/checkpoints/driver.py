@@ -159,7 +159,8 @@ def diff_checkpoints(
     bar.start("base", len(specs))
     monitor = _monitor(specs, cursor, Path(run_dir), config, run_name=run_name, metadata=facts, model_class=(base_source.architectures or ("",))[0])
     seconds["base"] = time.perf_counter() - began
-    log.info("compass-monitor diff: base %s captured: %d matrices in %.1fs", base_source.path, len(specs), seconds["base"])
+    if not bar.tty:  # on a terminal the bar says it
+        log.info("compass-monitor diff: base %s captured: %d matrices in %.1fs", base_source.path, len(specs), seconds["base"])
     done = 0
     try:
         for i, ref in enumerate(checkpoints):
