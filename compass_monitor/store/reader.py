@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..matrix_spec import MatrixSpec
 from . import codec, schema
 from .commit import liveness, read_commit, writer_alive
 
@@ -32,21 +33,8 @@ __all__ = ["ParamInfo", "Run", "open_run", "reconstruct_packed"]
 _PROFILE_CACHE = 64  # per-matrix series (rows, cols, previews) kept in memory
 
 
-@dataclass(frozen=True)
-class ParamInfo:
-    """A monitored parameter as recorded in the store."""
-
-    index: int
-    id: str
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
+#: The store's record of a monitored matrix is the one record the monitor uses.
+ParamInfo = MatrixSpec
 
 
 def _open_group(root: Path) -> tuple[zarr.Group, dict[str, Any]]:
@@ -108,7 +96,7 @@ class Run:
         self._group = group
         self.attrs = attrs
         self.params = [
-            ParamInfo(i, p["id"], p["name"], p["role"], p["module_type"], int(p["layer"]), (int(p["shape"][0]), int(p["shape"][1])))
+            MatrixSpec.from_record(i, p)
             for i, p in enumerate(attrs["params"])
         ]
         self._by_name = {p.name: p for p in self.params}
