@@ -418,3 +418,34 @@ def test_empty_matrix(backend):
     result = measure(state, torch.zeros(0, 5), backend=backend)
     assert result.counts.tolist() == [0] * 6
     assert result.rows.shape == (0,) and result.cols.tolist() == [0] * 5 and result.packed.numel() == 0
+
+
+def test_a_failing_fused_kernel_falls_back_to_torch_once(rng, monkeypatch, caplog):
+    """A kernel that cannot compile or launch on the user's GPU must not end the monitor: the range is measured
+    with plain torch ops, the failure is logged once, and the kernel is not tried again for that range."""
+    import logging
+
+    import compass_monitor.matrix_probe as matrix_probe
+
+    calls = []
+
+    def broken(state, shape):
+        calls.append(shape)
+        raise RuntimeError("ptxas fatal: unsupported gpu architecture")
+
+    spec = ParamSpec(name="layers.0.q_proj.weight", role="linear", module_type="q", layer=0, shape=(9, 13))
+    base_codes = make_base(rng, (9, 13))
+    state, *_ = capture_base(spec, to_bf16_tensor(base_codes), rank=2, alpha=0.5)
+    wt = drift(rng, base_codes, inject=False)
+    expected = measure(state, torch.from_numpy(wt), backend="numpy")
+    state.previous_packed = torch.zeros_like(state.previous_packed)
+    monkeypatch.setattr(matrix_probe, "fused_available", lambda device: True)
+    monkeypatch.setattr(matrix_probe, "fused_measure_range", broken)
+    with caplog.at_level(logging.WARNING, logger="compass_monitor"):
+        first = measure(state, torch.from_numpy(wt))
+        state.previous_packed = torch.zeros_like(state.previous_packed)
+        second = measure(state, torch.from_numpy(wt))
+    assert len(calls) == 1 and caplog.text.count("fused mask kernel failed") == 1
+    for got in (first, second):
+        assert got.counts.tolist() == expected.counts.tolist()
+        assert torch.equal(got.packed, expected.packed) and torch.equal(got.rows, expected.rows)
