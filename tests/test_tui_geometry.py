@@ -81,6 +81,7 @@ def test_drill_down_marks_the_recorded_heads(tmp_path, metadata, flag, heads):
             matrix = pilot.app.screen
             density = matrix.query_one(DensityMap)
             await wait_for(pilot, lambda: "mask" in matrix.shown, what="the exact mask map")
+            await pilot.pause()  # let the tabs finish mounting before the app shuts down (a race seen at load 20)
             legend = text_of(matrix, "#mask-legend")
             if heads is None:
                 assert density.row_heads == set() and "size not recorded (--head-dim N)" in legend
@@ -88,5 +89,7 @@ def test_drill_down_marks_the_recorded_heads(tmp_path, metadata, flag, heads):
                 rows = density.grid.shape[0]
                 assert rows >= 64  # one grid row per matrix row: block i holds row i
                 assert density.row_heads == set(range(heads, 64, heads)) and f"heads of {heads}" in legend
+            await pilot.press("escape")
+            await pilot.pause()
 
     asyncio.run(main())
