@@ -144,13 +144,16 @@ _SPECTRAL_TITLES = {
 }
 
 
-def _symlog_if_needed(ax, values: np.ndarray, log: bool) -> None:
-    finite = np.abs(values[np.isfinite(values)])
-    if log and finite.size and finite.max() > 0:
-        if (finite > 0).all():
-            ax.set_yscale("log")
-        else:
-            ax.set_yscale("symlog", linthresh=max(float(finite[finite > 0].min()) if (finite > 0).any() else 1e-12, 1e-12))
+def _log_scale(ax, log: bool) -> None:
+    """Log y for quantities spanning decades (NSS, energy): symlog where a line has zeros or signs."""
+    values = np.concatenate([np.asarray(line.get_ydata(), dtype=np.float64) for line in ax.lines] or [np.zeros(0)])
+    finite = values[np.isfinite(values)]
+    if not log or not (np.abs(finite) > 0).any():
+        return
+    if (finite > 0).all():
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=float(np.abs(finite[finite != 0]).min()))
 
 
 def spectral_figure(label: str, s: SpectralSeries) -> tuple[Figure, str]:
@@ -161,18 +164,15 @@ def spectral_figure(label: str, s: SpectralSeries) -> tuple[Figure, str]:
     k = f", k={s.k}" if s.k else ""
     for col, (field, (title, unit, log)) in enumerate(_SPECTRAL_TITLES.items()):
         top, bottom = axes[0, col], axes[1, col]
-        stacked = []
         for j, (name, views) in enumerate(s.by_type.items()):
             top.plot(s.steps, views[field], color=type_colour(name, j), marker="o", markersize=3, linewidth=1.4, label=name)
             layers, final = s.final_layers[name]
             bottom.plot(layers, final[field], color=type_colour(name, j), marker="o", markersize=3, linewidth=1.4, label=name)
-            stacked += [views[field], final[field]]
-        values = np.concatenate(stacked) if stacked else np.zeros(0)
         top.set(title=f"{title}{k}", xlabel="optimizer step", ylabel=unit + (" (mean over layers)" if field != "max_angle_deg" else " (max over layers)"))
         bottom.set(title=f"per layer at step {int(s.steps[-1])}", xlabel="layer", ylabel=unit)
         bottom.xaxis.get_major_locator().set_params(integer=True)
         for ax in (top, bottom):
-            _symlog_if_needed(ax, values, log)
+            _log_scale(ax, log)
     axes[0, 0].legend(loc="best", title="module type")
     fig.suptitle(f"{label}: spectral drift from W0", fontsize=11)
     finals = {name: (float(np.nanmax(s.final_layers[name][1]["nss"])), float(np.nanmax(s.final_layers[name][1]["max_angle_deg"])))
