@@ -14,9 +14,7 @@ that stepping through time decodes one frame per step.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,28 +24,17 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..matrix_spec import MatrixSpec
 from . import codec, schema
+from .commit import liveness, read_commit, writer_alive
 
 __all__ = ["ParamInfo", "Run", "open_run", "reconstruct_packed"]
 
 _PROFILE_CACHE = 64  # per-matrix series (rows, cols, previews) kept in memory
 
 
-@dataclass(frozen=True)
-class ParamInfo:
-    """A monitored parameter as recorded in the store."""
-
-    index: int
-    id: str
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
+#: The store's record of a monitored matrix is the one record the monitor uses.
+ParamInfo = MatrixSpec
 
 
 def _open_group(root: Path) -> tuple[zarr.Group, dict[str, Any]]:
@@ -109,7 +96,7 @@ class Run:
         self._group = group
         self.attrs = attrs
         self.params = [
-            ParamInfo(i, p["id"], p["name"], p["role"], p["module_type"], int(p["layer"]), (int(p["shape"][0]), int(p["shape"][1])))
+            MatrixSpec.from_record(i, p)
             for i, p in enumerate(attrs["params"])
         ]
         self._by_name = {p.name: p for p in self.params}
@@ -123,15 +110,7 @@ class Run:
         self._mask_cache: dict[int, tuple[int, np.ndarray]] = {}
 
     def _read_commit(self) -> dict[str, Any]:
-        for _ in range(3):
-            try:
-                with open(self.path / schema.COMMIT_FILE, encoding="utf-8") as handle:
-                    return json.load(handle)
-            except FileNotFoundError:
-                return {"snapshots": 0, "last_step": None, "status": "unknown", "heartbeat": None}
-            except json.JSONDecodeError:  # not written by this package's atomic writer; retry
-                time.sleep(0.01)
-        raise schema.StoreError(f"{self.path / schema.COMMIT_FILE} is not valid JSON")
+        return read_commit(self.path)
 
     # -- live viewing ------------------------------------------------------------
     def refresh(self) -> bool:
@@ -179,28 +158,21 @@ class Run:
     @property
     def writer_alive(self) -> bool | None:
         """For a ``running`` run written on this host: whether the writing process still exists (None if unknown)."""
-        writer = self.commit.get("writer") or {}
-        if self.status != "running" or writer.get("host") != socket.gethostname() or not writer.get("pid"):
-            return None
-        try:
-            os.kill(int(writer["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return writer_alive(self.commit)
+
+    @property
+    def liveness(self) -> str:
+        """``live``, ``stale``, ``crashed`` (running runs), ``finished``, ``disabled`` or ``unknown``;
+        one definition for every view (``commit.liveness``)."""
+        if self.status != "running":
+            return liveness(self.commit)
+        return liveness(self.commit, times=self.times if self.num_snapshots >= 3 else None)
 
     @property
     def is_stale(self) -> bool:
-        """A ``running`` run whose writer is gone: its process is dead, or its heartbeat is older than
-        three heartbeat intervals (5 minutes if the writer recorded none)."""
-        if self.status != "running":
-            return False
-        if self.writer_alive is False:
-            return True
-        age = self.heartbeat_age
-        interval = self.commit.get("heartbeat_interval") or 100.0
-        return age is not None and age > 3 * float(interval)
+        """A ``running`` run whose writer is gone: its process is dead (``crashed``), or its last commit
+        is older than ``commit.stale_threshold`` (``stale``)."""
+        return self.liveness in ("stale", "crashed")
 
     @property
     def gaps(self) -> list[tuple[int, int, int]]:
