@@ -1,6 +1,6 @@
 """Cost of ``compass-monitor report`` and ``compare`` on a large run: wall time and peak memory.
 
-The run is the TUI benchmark's synthetic run (``tui.synthetic.write_bulk_run``:
+The run is the TUI benchmark's synthetic run (``tests/synthetic_runs.write_bulk_run``:
 200 matrices x 1000 snapshots, metrics for every snapshot, masks for the first
 two matrices), and a second one of the same base (seed 1) for the cross-run
 commands. Each command runs in a fresh Python process that reports its own
@@ -87,7 +87,7 @@ def main() -> None:
         t = time.perf_counter()
         big, other = tmp / "large", tmp / "large-b"
         build = ("import sys, warnings; warnings.filterwarnings('ignore');"
-                 "from compass_monitor.tui.synthetic import write_bulk_run;"
+                 "sys.path.insert(0, 'tests'); from synthetic_runs import write_bulk_run;"
                  f"[write_bulk_run(p, matrices={args.matrices}, snapshots={args.snapshots}, seed=s) for s, p in enumerate(sys.argv[1:])]")
         subprocess.run([sys.executable, "-c", build, str(big), str(other)], cwd=ROOT, check=True)
         build_s = time.perf_counter() - t
