@@ -9,43 +9,22 @@ matrices the way the paper's figures do.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .config import MonitorConfig
+from .matrix_spec import ROLES, MatrixSpec
 
-__all__ = ["ParamSpec", "SelectionError", "select_parameters", "module_type_of", "layer_index_of"]
-
-ROLES = ("linear", "embedding", "lm_head", "norm", "bias")
+__all__ = ["ParamSpec", "SelectionError", "select_parameters", "module_type_of", "layer_index_of", "ROLES"]
 
 
 class SelectionError(ValueError):
     """The model offers no parameter that the configuration selects."""
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """A monitored parameter.
-
-    Attributes:
-        name: the parameter's name in ``model.named_parameters()``.
-        role: one of ``linear``, ``embedding``, ``lm_head``, ``norm``, ``bias``.
-        module_type: q, k, v, qkv, o, gate, up, gate_up, down, or ``other``.
-        layer: the block index parsed from the name, or -1.
-        shape: the matrix shape (rows, cols); 1-D parameters are 1 x n.
-    """
-
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
+#: A selected parameter is recorded as the monitor's one matrix record.
+ParamSpec = MatrixSpec
 
 
 # Ordered: the first pattern that matches a module's dotted name wins.

@@ -47,6 +47,7 @@ __all__ = [
     "LocalShard",
     "ShardLayout",
     "ShardingError",
+    "ShapeChangedError",
     "discover_shards",
     "whole_shards",
     "sharding_kind",
@@ -119,6 +120,9 @@ class ShardLayout:
     group: Any = None  # torch.distributed ProcessGroup, None for the default group
     rank: int = 0
     world_size: int = 1
+    #: JSON-serialisable facts about the selection (excluded parameters and why, ...),
+    #: stored by the monitor under the store attribute ``selection``.
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def specs(self) -> list[ParamSpec]:
@@ -136,8 +140,17 @@ def _dist():
     return dist
 
 
+class ShapeChangedError(ShardingError):
+    """A monitored parameter no longer has the shape it had when the base was taken."""
+
+
 def _whole(spec: ParamSpec, param: torch.Tensor, *, contributes: bool = True, layout: str = "whole") -> LocalShard:
     def values(p=param) -> torch.Tensor:
+        if p.numel() != spec.numel or (p.dim() == 2 and tuple(p.shape) != spec.shape):
+            raise ShapeChangedError(
+                f"parameter {spec.name!r} has shape {tuple(p.shape)} but had {spec.shape} when the base "
+                "was taken; a resized parameter cannot be compared with its base. Start a new run store."
+            )
         return p.detach().reshape(-1)
 
     return LocalShard(spec=spec, start=0, numel=spec.numel, contributes=contributes, layout=layout, values=values)

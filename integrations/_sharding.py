@@ -3,7 +3,7 @@
 Under FSDP (FSDP1 flat parameters or ``use_orig_params`` views), FSDP2 /
 ``ModelParallelStrategy`` (DTensor parameters) or DeepSpeed ZeRO-3
 (partitioned parameters) a process holds only a shard of each matrix. A core
-with sharded support (``compass_monitor.sharded_monitor``: FSDP1 and FSDP2 /
+with sharded support (``compass_monitor.probe``: FSDP1 and FSDP2 /
 DTensor ``Shard(0)``; ``CompassMonitor(model, ...)`` returns a monitor that is
 created and stepped on every rank) monitors such models; without it, or for
 DeepSpeed ZeRO-3, the adapters refuse them before training starts, with a
@@ -51,7 +51,7 @@ def sharding_kind(model: nn.Module) -> str | None:
 
 def core_supports_sharding() -> bool:
     """Whether the installed core monitors FSDP1 / FSDP2 (DTensor) models (one monitor per rank)."""
-    return importlib.util.find_spec("compass_monitor.sharded_monitor") is not None
+    return importlib.util.find_spec("compass_monitor.probe") is not None
 
 
 def monitor_on_every_rank(model: nn.Module, *, where: str) -> bool:

@@ -29,7 +29,7 @@ finite gradients (or lets ``GradScaler`` skip).
   snapshot's scalars join the update's metrics, so verl's own loggers (console,
   wandb, TensorBoard, ...) show them as ``actor/compass/...``.
 * Reading the weights. With a core that has sharded support
-  (``compass_monitor.sharded_monitor``), the monitor is built on every rank
+  (``compass_monitor.probe``), the monitor is built on every rank
   from ``engine.module`` (FSDP2 DTensor / FSDP1 shards: each rank measures its
   local rows, the core combines them with collectives, rank 0 writes), so an
   actor on any number of ranks is monitored. Without it, the weights are read

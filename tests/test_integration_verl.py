@@ -236,8 +236,8 @@ def test_plugin_on_verls_fsdp_engine_with_checkpoint_resume(tmp_path, read, worl
     if world_size > 1:
         assert seen["resume"]["local_rows"]["model.layers.0.mlp.up_proj.weight"] == 64 // world_size  # really sharded
     assert seen["first"]["monitor_step"] == 6 and seen["resume"]["monitor_step"] == 8
-    expected = "ShardedMonitor" if read == "auto" and core_supports_sharding() else "CompassMonitor"
-    assert seen["first"]["monitor_class"] == seen["resume"]["monitor_class"] == expected
+    expected = "fsdp2" if read == "auto" and core_supports_sharding() else "plain"
+    assert seen["first"]["monitor_sharding"] == seen["resume"]["monitor_sharding"] == expected
     assert json.loads((ckpt / "compass_monitor.json").read_text())["step"] == 4
 
     run = open_run(run_dir)

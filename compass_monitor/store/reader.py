@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from ..matrix_spec import MatrixSpec
 from . import codec, schema
 from .chunks import ChunkReader
 from .commit import liveness, read_commit, writer_alive
@@ -34,21 +34,8 @@ __all__ = ["ParamInfo", "Run", "open_run"]
 _PROFILE_CACHE = 64  # per-matrix series (rows, cols, previews) kept in memory
 
 
-@dataclass(frozen=True)
-class ParamInfo:
-    """A monitored parameter as recorded in the store."""
-
-    index: int
-    id: str
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
+#: The store's record of a monitored matrix is the one record the monitor uses.
+ParamInfo = MatrixSpec
 
 
 def _open_group(root: Path) -> tuple[zarr.Group, dict[str, Any]]:
@@ -117,7 +104,8 @@ class Run:
         self.path = path
         self._group = group
         self.attrs = attrs
-        self.params = [ParamInfo(i, *entry) for i, entry in enumerate(check_params(path, attrs.get("params")))]
+        check_params(path, attrs.get("params"))  # types and sizes, before anything is sized from them
+        self.params = [MatrixSpec.from_record(i, p) for i, p in enumerate(attrs["params"])]
         self._by_name = {p.name: p for p in self.params}
         self._shapes = {p.id: p.shape for p in self.params}
         #: Stores that wrote every chunk (and checksum them): a missing chunk is damage, not fill value.
