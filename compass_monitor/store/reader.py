@@ -366,11 +366,28 @@ class Run:
             value = self._series[schema.FRAMES] = np.zeros((t, len(self.params), len(schema.FRAME_FIELDS)), dtype=np.int64)
         return value
 
+    def _rows_upto(self, path: str, rows: int) -> np.ndarray:
+        """At least the first ``rows`` rows of a run-level series: the cached series, or just those rows
+        (a mask needs the headers up to its snapshot only)."""
+        cached = self._series.get(path)
+        if cached is not None and cached.shape[0] >= rows:
+            return cached
+        if path == schema.FRAMES and self._array(path) is None:
+            return self.frames()  # schema 1: all packed key frames
+        if rows >= self.num_snapshots:
+            series = self._series_of(path)  # cached for the next call
+            if series is not None:
+                return series
+        reader = self._reader(path, rows=rows)
+        if reader is None:
+            raise schema.StoreDamagedError(f"{self.path / path} is missing (the store is damaged)")
+        return reader.read(0, rows)
+
     def packed_mask(self, param: str | int | ParamInfo, snapshot: int) -> np.ndarray:
         """Changed mask of ``param`` at a snapshot, bit-packed (``np.packbits`` of the flat mask)."""
         info = self.param(param)
         t = self._check_snapshot(snapshot)
-        headers = self.frames()[:, info.index]
+        headers = self._rows_upto(schema.FRAMES, t + 1)[:, info.index]
         encodings = headers[:, 0]
         start = _segment_start(encodings, t)
         reader = self._reader(f"{schema.CHANGED_PREFIX}/{info.id}", rows=t + 1)
@@ -401,7 +418,7 @@ class Run:
             ) from exc
         assert packed is not None
         ones = int(np.bitwise_count(packed).sum(dtype=np.int64))
-        counted = int(self.counts[t, info.index, 0])
+        counted = int(self._rows_upto(schema.COUNTS, t + 1)[t, info.index, 0])
         if ones != counted:
             raise schema.StoreDamagedError(
                 f"{self.path}: snapshot {t} (step {int(self.steps[t])}) of {info.name!r}: the mask decodes to {ones} changed "
