@@ -293,6 +293,8 @@ def preview_edges(m: int, n: int, max_blocks: int) -> tuple[np.ndarray, np.ndarr
     ``(j * n) // bw``. Edges are int64 arrays of length bh + 1 and bw + 1.
     """
     bh, bw = min(max_blocks, m), min(max_blocks, n)
+    if bh == 0 or bw == 0:  # an empty matrix (e.g. Linear(0, 8)): no blocks along an empty axis
+        return (np.arange(bh + 1, dtype=np.int64) * (m // max(bh, 1)), np.arange(bw + 1, dtype=np.int64) * (n // max(bw, 1)))
     rows = (np.arange(bh + 1, dtype=np.int64) * m) // bh
     if n % 8 == 0 and n // 8 >= bw:
         cols = 8 * ((np.arange(bw + 1, dtype=np.int64) * (n // 8)) // bw)
@@ -304,6 +306,8 @@ def preview_edges(m: int, n: int, max_blocks: int) -> tuple[np.ndarray, np.ndarr
 def preview_counts(packed: np.ndarray, shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Set bits per block (bh, bw) int32 of a packed (m, n) mask, for the given edges."""
     m, n = shape
+    if m == 0 or n == 0:
+        return np.zeros((rows.size - 1, cols.size - 1), dtype=np.int32)
     if n % 8 == 0 and np.all(cols % 8 == 0):
         per_byte = np.bitwise_count(packed[: m * n // 8].reshape(m, n // 8))
         by_col = np.add.reduceat(per_byte, cols[:-1] // 8, axis=1, dtype=np.int32)
