@@ -14,6 +14,7 @@ tested against the same float64 reference.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,9 @@ from .bf16 import ABS_MASK, INF_BITS, bf16_bits, changed_from_bits
 from .bitpack import popcount
 from .kernels import fused_available, fused_measure_range
 from .shard_geometry import pack_aligned
-from .sharding import LocalShard
+from .sharding import LocalShard, ShardingError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ShardState",
@@ -62,6 +65,8 @@ class ShardState:
     base_bits: torch.Tensor
     reference_packed: torch.Tensor
     previous_packed: torch.Tensor
+    #: whether the fused accelerator kernel may measure this range (False after it failed once)
+    fused: bool = True
 
 
 def fingerprint_partial(bits: torch.Tensor, start: int) -> torch.Tensor:
@@ -147,8 +152,14 @@ def measure_range(state: ShardState, shape: tuple[int, int], *, backend: str = "
     if backend not in ("auto", "numpy", "torch"):
         raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
     # On CUDA with triton: one fused pass with the torch branch's outputs (compass_monitor.kernels).
-    if backend == "auto" and fused_available(state.base_bits.device):
-        return fused_measure_range(state, shape)
+    if backend == "auto" and state.fused and fused_available(state.base_bits.device):
+        try:
+            return fused_measure_range(state, shape)
+        except ShardingError:
+            raise  # the parameter itself changed: not the kernel's fault
+        except Exception as exc:  # a kernel that cannot compile or launch here: the plain torch pass instead
+            log.warning("compass-monitor: the fused mask kernel failed on %s (%s: %s); using plain torch ops for it", state.shard.spec.name, type(exc).__name__, exc)
+            state.fused = False
     m, n = shape
     start, numel = state.start, state.numel
     values = state.shard.local()

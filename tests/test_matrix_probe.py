@@ -15,6 +15,7 @@ import torch
 
 from compass_monitor.exact_selection import select_count
 from compass_monitor.matrix_probe import base_fingerprint
+from compass_monitor.precision_null import NUM_CLASSES
 from compass_monitor.sharding import ShapeChangedError, _whole
 from whole_probe import capture_base, measure
 from compass_monitor.selection import ParamSpec
@@ -204,7 +205,9 @@ def test_capture_and_measure_against_numpy(rng, shape, rank, inject, nonfinite_b
     assert np.array_equal(state.reference_packed.numpy(), np.stack([np.packbits(x.ravel()) for x in (principal, low, principal & ~low)]))
     cls = my_class(canon).ravel()
     expected_classes = np.stack([np.bincount(cls, minlength=512)] + [np.bincount(cls[x.ravel()], minlength=512) for x in (principal, low, principal & ~low)])
-    assert np.array_equal(class_counts.numpy(), expected_classes)
+    # The base is on the bf16 grid: all in position bin 0 (the first 512 classes) of the precision null.
+    assert class_counts.shape == (4, NUM_CLASSES) and class_counts[:, 512:].sum() == 0
+    assert np.array_equal(class_counts.numpy()[:, :512], expected_classes)
 
     # --- two snapshots
     previous = np.zeros(shape, dtype=bool)
@@ -415,3 +418,34 @@ def test_empty_matrix(backend):
     result = measure(state, torch.zeros(0, 5), backend=backend)
     assert result.counts.tolist() == [0] * 6
     assert result.rows.shape == (0,) and result.cols.tolist() == [0] * 5 and result.packed.numel() == 0
+
+
+def test_a_failing_fused_kernel_falls_back_to_torch_once(rng, monkeypatch, caplog):
+    """A kernel that cannot compile or launch on the user's GPU must not end the monitor: the range is measured
+    with plain torch ops, the failure is logged once, and the kernel is not tried again for that range."""
+    import logging
+
+    import compass_monitor.matrix_probe as matrix_probe
+
+    calls = []
+
+    def broken(state, shape):
+        calls.append(shape)
+        raise RuntimeError("ptxas fatal: unsupported gpu architecture")
+
+    spec = ParamSpec(name="layers.0.q_proj.weight", role="linear", module_type="q", layer=0, shape=(9, 13))
+    base_codes = make_base(rng, (9, 13))
+    state, *_ = capture_base(spec, to_bf16_tensor(base_codes), rank=2, alpha=0.5)
+    wt = drift(rng, base_codes, inject=False)
+    expected = measure(state, torch.from_numpy(wt), backend="numpy")
+    state.previous_packed = torch.zeros_like(state.previous_packed)
+    monkeypatch.setattr(matrix_probe, "fused_available", lambda device: True)
+    monkeypatch.setattr(matrix_probe, "fused_measure_range", broken)
+    with caplog.at_level(logging.WARNING, logger="compass_monitor"):
+        first = measure(state, torch.from_numpy(wt))
+        state.previous_packed = torch.zeros_like(state.previous_packed)
+        second = measure(state, torch.from_numpy(wt))
+    assert len(calls) == 1 and caplog.text.count("fused mask kernel failed") == 1
+    for got in (first, second):
+        assert got.counts.tolist() == expected.counts.tolist()
+        assert torch.equal(got.packed, expected.packed) and torch.equal(got.rows, expected.rows)

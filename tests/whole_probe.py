@@ -26,7 +26,7 @@ class Measurement:
 
 
 def capture_base(spec, weight: torch.Tensor, *, rank: int, alpha: float):
-    """(state, class_counts (4, 512), fingerprint (2,), nonfinite count) of one whole matrix."""
+    """(state, class_counts (4, precision_null.NUM_CLASSES), fingerprint (2,), nonfinite count) of one whole matrix."""
     config = MonitorConfig(principal_rank=rank, alpha=alpha, include_embeddings=True)
     probe = ShardProbe(ShardLayout(shards=[_whole(spec, weight)], kind="plain"), config)
     base = probe.capture_base()
@@ -38,8 +38,8 @@ def capture_base(spec, weight: torch.Tensor, *, rank: int, alpha: float):
 def measure(state: ShardState, weight: torch.Tensor, *, backend: str = "auto") -> Measurement:
     """One snapshot of ``weight`` against the state's base; the state's previous mask becomes this one."""
     shard: LocalShard = _whole(state.shard.spec, weight)
-    probe_state = ShardState(shard=shard, start=0, numel=state.numel, base_bits=state.base_bits.reshape(-1), reference_packed=state.reference_packed, previous_packed=state.previous_packed)
+    probe_state = ShardState(shard=shard, start=0, numel=state.numel, base_bits=state.base_bits.reshape(-1), reference_packed=state.reference_packed, previous_packed=state.previous_packed, fused=state.fused)
     counts, rows, cols, packed = measure_range(probe_state, state.shard.spec.shape, backend=backend)
-    state.previous_packed = packed
+    state.previous_packed, state.fused = packed, probe_state.fused
     as_tensor = lambda x: x if isinstance(x, torch.Tensor) else torch.from_numpy(x)  # noqa: E731
     return Measurement(counts=as_tensor(counts).cpu(), rows=as_tensor(rows).cpu(), cols=as_tensor(cols).cpu(), packed=as_tensor(packed).cpu())

@@ -78,7 +78,7 @@ def expected_shape(path: str, shapes: dict[str, tuple[int, int]], count: int) ->
         schema.FRAMES: (None, count, len(schema.FRAME_FIELDS)),
         schema.SPECTRAL: (None, count, len(schema.SPECTRAL_FIELDS)),
         schema.BASE_FINGERPRINT: (count, 2),
-        schema.BASE_CLASS_COUNTS: (count, 4, 512),
+        schema.BASE_CLASS_COUNTS: (count, 1 + len(schema.REFERENCE_MASKS), None),  # C = 512 or 33792 classes
     }
     if path in fixed:
         return fixed[path]

@@ -360,15 +360,19 @@ class RunWriter:
         class_counts: np.ndarray,
         reference_packed: list[np.ndarray],
         base_codes: list[np.ndarray] | None = None,
+        class_attributes: dict[str, Any] | None = None,
     ) -> None:
-        """Store what is computed once from W0: fingerprints, spacing classes, reference masks,
+        """Store what is computed once from W0: fingerprints, precision-null classes (with
+        ``class_attributes``, their layout and case, as the array's attributes), reference masks,
         and (if given) the canonical bf16 codes of W0 itself (int16, needed to resume)."""
         self._check_owner()
         for name, value in ((schema.BASE_FINGERPRINT, fingerprints), (schema.BASE_CLASS_COUNTS, class_counts)):
             value = np.asarray(value, dtype=np.int64)
-            self._group.create_array(
-                name, data=value, chunks=tuple(max(1, s) for s in value.shape), compressors=_ZSTD, overwrite=True, config=_COMPLETE
+            array = self._group.create_array(
+                name, data=value, compressors=_ZSTD, overwrite=True, config=_COMPLETE
             )
+            if name == schema.BASE_CLASS_COUNTS and class_attributes:
+                array.attrs.update(class_attributes)
         for array, packed in zip(self._reference, reference_packed):
             rows = RowChunks(array)  # every row written (zarr skips a chunk equal to the fill value)
             for j, mask in enumerate(np.asarray(packed, dtype=np.uint8).reshape(array.shape)):
