@@ -19,13 +19,16 @@ from .config import ConfigError, MonitorConfig
 from .matrix_spec import MatrixSpec
 
 if TYPE_CHECKING:
-    from .store import NotARunError, ParamInfo, ResumeError, Run, SchemaVersionError, StoreError, StoreExistsError, open_run
+    from .store import NotARunError, ParamInfo, ResumeError, Run, SchemaVersionError, StoreDamagedError, StoreError, StoreExistsError, StoreLockedError, open_run
     from .monitor import CompassMonitor
     from .selection import ParamSpec, SelectionError
     from .sharding import LocalShard, ShapeChangedError, ShardingError, ShardLayout
 
 _LAZY = {
-    **dict.fromkeys(("NotARunError", "ParamInfo", "ResumeError", "Run", "SchemaVersionError", "StoreError", "StoreExistsError", "open_run"), ".store"),
+    **dict.fromkeys(
+        ("NotARunError", "ParamInfo", "ResumeError", "Run", "SchemaVersionError", "StoreDamagedError", "StoreError", "StoreExistsError", "StoreLockedError", "open_run"),
+        ".store",
+    ),
     "CompassMonitor": ".monitor",
     "ParamSpec": ".selection",
     "SelectionError": ".selection",
@@ -51,8 +54,10 @@ __all__ = [
     "ShapeChangedError",
     "ShardLayout",
     "ShardingError",
+    "StoreDamagedError",
     "StoreError",
     "StoreExistsError",
+    "StoreLockedError",
     "__version__",
     "open_run",
 ]
