@@ -223,18 +223,27 @@ class CompassMonitor:
         return AsyncWriter(store, queue_size=self.config.writer_queue, when_full=self.config.when_queue_full)
 
     def _resume(self, run_dir: str | os.PathLike[str], *, resume_step: int | None, run_name: str | None, metadata: dict[str, Any] | None) -> None:
-        run, point = read_resume_point(self.comm, run_dir, self.specs, resume_step)
-        restore_probe(self.probe, run, point, run_dir)
+        def take_over() -> RunWriter:
+            AsyncWriter.release(run_dir)  # a monitor of this process that was never closed stops writing first
+            return RunWriter.open_existing(run_dir, key_interval=self.config.key_interval)
 
-        def reopen() -> RunWriter:
-            store = RunWriter.open_existing(run_dir, key_interval=self.config.key_interval)
-            event: dict[str, Any] = {"step": point.step, "pid": os.getpid(), "host": socket.gethostname(), "world_size": self.comm.world_size}
-            if run_name or metadata:
-                event.update({"run_name": run_name, "metadata": metadata or {}})
-            store.resume(point.keep, event=event)
-            return store
+        # The writer lock before reading what to keep: no other process can resume or append meanwhile.
+        store = agree(self.comm, take_over, share=False)
+        try:
+            run, point = read_resume_point(self.comm, run_dir, self.specs, resume_step)
+            restore_probe(self.probe, run, point, run_dir)
 
-        store = agree(self.comm, reopen, share=False)
+            def resume_store() -> None:
+                event: dict[str, Any] = {"step": point.step, "pid": os.getpid(), "host": socket.gethostname(), "world_size": self.comm.world_size}
+                if run_name or metadata:
+                    event.update({"run_name": run_name, "metadata": metadata or {}})
+                store.resume(point.keep, event=event)
+
+            agree(self.comm, resume_store)
+        except BaseException:
+            if store is not None:
+                store.release()
+            raise
         self._apply(point)
         self.writer = self._start_writer(store) if store is not None else NullSink(run_dir)
         if store is not None:

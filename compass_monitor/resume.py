@@ -196,12 +196,9 @@ def _keep_point(run: Run, resume_step: int | None) -> ResumePoint:
 
 def read_resume_point(comm: Comm, run_dir: Any, specs: list[Any], resume_step: int | None) -> tuple[Run | None, ResumePoint]:
     """Rank 0 opens and checks the store; every rank gets what to keep. (run on rank 0, point)."""
-    from .store.async_writer import AsyncWriter
-
     opened: list[Run] = []
 
     def work() -> ResumePoint:
-        AsyncWriter.release(run_dir)  # a monitor of this process that was never closed stops writing first
         run = open_run(run_dir)
         _check_not_live(run)
         _check_layout(run, specs)
