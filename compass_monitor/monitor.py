@@ -36,7 +36,7 @@ from .aggregates import aggregate_counts, by_module_type, everything_linear, sca
 from .config import MonitorConfig
 from .matrix_probe import MatrixBase, capture_base, measure
 from .precision_null import null_overlaps
-from .selection import ParamSpec, select_parameters
+from .selection import ParamSpec, select_matrices
 from .spectral import SpectralBase, SpectralConfig, SpectralDrift, spectral_base, spectral_drift_checked
 from .store import schema
 from .store.async_writer import AsyncWriter
@@ -99,6 +99,8 @@ class CompassMonitor:
         resume_step: the optimizer step the training resumes from (the
             checkpoint's step); default: the last committed snapshot's step.
             The monitor's step counter continues from it.
+        optimizer: the training optimizer, if known: parameters in none of its
+            param groups count as frozen (left out unless ``include_frozen``).
 
     Raises:
         ConfigError: an invalid configuration.
@@ -130,13 +132,16 @@ class CompassMonitor:
         metadata: dict[str, Any] | None = None,
         resume: bool = False,
         resume_step: int | None = None,
+        optimizer: Any = None,
     ) -> None:
         if resume:
             config = resume_config(run_dir, config)
         self.config = config or MonitorConfig()
-        selected = select_parameters(model, self.config)
-        self.specs: list[ParamSpec] = [spec for spec, _ in selected]
-        self._params: list[torch.Tensor] = [param for _, param in selected]
+        # Every matrix is read through its canonical (out, in) view (compass_monitor.selection).
+        selection = select_matrices(model, self.config, optimizer=optimizer)
+        self.specs: list[ParamSpec] = [m.spec for m in selection.matrices]
+        self._views = [m.matrix for m in selection.matrices]
+        self._selection_facts = selection.facts
         self._init_state()
         if resume:
             self._resume(run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
@@ -145,7 +150,7 @@ class CompassMonitor:
 
         self._states, class_counts, fingerprints = self._capture_base()
         self._class_counts = class_counts
-        attributes = self._store_attributes(run_dir, run_name, metadata, model_class=type(model).__name__)
+        attributes = self._store_attributes(run_dir, run_name, metadata, model_class=type(model).__name__, selection=self._selection_facts)
         store = RunWriter.create(run_dir, params=self.specs, attributes=attributes, key_interval=self.config.key_interval)
         self.writer = self._start_writer(store)
         # The base goes through the writer thread too (compressing W0 takes a while);
@@ -173,7 +178,14 @@ class CompassMonitor:
         self._snapshots_taken = 0
 
     def _store_attributes(
-        self, run_dir: str | os.PathLike[str], run_name: str | None, metadata: dict[str, Any] | None, *, model_class: str, **run_facts: Any
+        self,
+        run_dir: str | os.PathLike[str],
+        run_name: str | None,
+        metadata: dict[str, Any] | None,
+        *,
+        model_class: str,
+        selection: dict[str, Any] | None = None,
+        **run_facts: Any,
     ) -> dict[str, Any]:
         """The new store's attributes: the run's facts, configuration, method notes and versions."""
         return {
@@ -191,6 +203,7 @@ class CompassMonitor:
             "reference_masks": list(schema.REFERENCE_MASKS),
             "versions": _versions(),
             "metadata": metadata or {},
+            "selection": selection or {},
         }
 
     def _spectral_config(self, method: str | None = None) -> SpectralConfig:
@@ -212,7 +225,7 @@ class CompassMonitor:
     # -- resume ------------------------------------------------------------------
     def _resume(self, run_dir: str | os.PathLike[str], *, resume_step: int | None, run_name: str | None, metadata: dict[str, Any] | None) -> None:
         AsyncWriter.release(run_dir)  # a monitor of this process that was never closed stops writing first
-        plan = plan_resume(run_dir, self.specs, self._params, self.config, resume_step=resume_step)
+        plan = plan_resume(run_dir, self.specs, self._current(), self.config, resume_step=resume_step)
         store = RunWriter.open_existing(run_dir, key_interval=self.config.key_interval)
         event = {"step": plan.step, "pid": os.getpid(), "host": socket.gethostname()}
         if run_name or metadata:
@@ -262,7 +275,7 @@ class CompassMonitor:
         self.writer.flush()
         if self.writer.error is not None:
             self._raise_writer_error()
-        plan = plan_resume(self.run_dir, self.specs, self._params, self.config, resume_step=step, states=self._states, check_model=False)
+        plan = plan_resume(self.run_dir, self.specs, self._current(), self.config, resume_step=step, states=self._states, check_model=False)
         self.writer.call(lambda store: store.resume(plan.keep, event={"step": step, "by": "load_state_dict"}))
         self._restore(plan, self.writer.writer)
 
@@ -273,6 +286,10 @@ class CompassMonitor:
     def _raise_writer_error(self) -> None:
         error = self.writer.error
         raise RuntimeError(f"the run-store writer failed ({self.writer.error_context}): {type(error).__name__}: {error}")
+
+    def _current(self) -> list[torch.Tensor]:
+        """The monitored matrices' current values, each (m, n) (views where the layout allows)."""
+        return [view() for view in self._views]
 
     @property
     def num_weights(self) -> int:
@@ -286,7 +303,7 @@ class CompassMonitor:
     @torch.no_grad()
     def _capture_base(self) -> tuple[list[MatrixBase], np.ndarray, np.ndarray]:
         states, counts, fingerprints, nonfinite = [], [], [], []
-        for spec, param in zip(self.specs, self._params):
+        for spec, param in zip(self.specs, self._current()):
             state, class_count, fingerprint, bad = capture_base(
                 spec, param, rank=self.config.principal_rank, alpha=self.config.alpha
             )
@@ -375,7 +392,7 @@ class CompassMonitor:
             # next one's flips are then counted against the last stored mask.
             self.writer.note_gap(step)
             return
-        measurements = [measure(state, param) for state, param in zip(self._states, self._params)]
+        measurements = [measure(state, param) for state, param in zip(self._states, self._current())]
         # One host transfer per kind of result for the whole snapshot.
         counts = torch.stack([m.counts for m in measurements]).cpu().numpy()
         rows = torch.cat([m.rows for m in measurements]).cpu().numpy()
@@ -403,7 +420,7 @@ class CompassMonitor:
         if self._spectral_bases is None or self._snapshots_taken % self.config.spectral_every:
             return None
         rows = []
-        for base, state, param in zip(self._spectral_bases, self._states, self._params):
+        for base, state, param in zip(self._spectral_bases, self._states, self._current()):
             # W_t as the bf16 values the changed mask sees (fp32 masters rounded like the probe).
             current = param.detach().reshape(state.spec.shape).to(torch.bfloat16)
             # "perturb" (auto on large GPU matrices) flags drift beyond its validity; those are redone exactly.

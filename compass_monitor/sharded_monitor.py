@@ -125,6 +125,7 @@ class ShardedMonitor(CompassMonitor):
         resume: bool = False,
         resume_step: int | None = None,
         group: Any = None,
+        optimizer: Any = None,  # frozen status under sharding comes from requires_grad alone
     ) -> None:
         from .distributed import Comm
 
@@ -150,7 +151,8 @@ class ShardedMonitor(CompassMonitor):
         failure: tuple[str, str] | None = None
         if self.core.is_writer:
             attributes = self._store_attributes(
-                run_dir, run_name, metadata, model_class=_model_class(model), world_size=self.comm.world_size, sharding=self.core.layout.kind
+                run_dir, run_name, metadata, model_class=_model_class(model), world_size=self.comm.world_size, sharding=self.core.layout.kind,
+                selection=self.core.layout.facts,
             )
             try:
                 store = RunWriter.create(run_dir, params=self.specs, attributes=attributes, key_interval=self.config.key_interval)

@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,15 @@ class ParamInfo:
     module_type: str
     layer: int
     shape: tuple[int, int]
+    #: optional facts recorded with the matrix (``source``, ``layout``, ``rows``, ``heads``, ``head_dim``, ...)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.extra.get(key, default)
 
 
 def _open_group(root: Path) -> tuple[zarr.Group, dict[str, Any]]:
@@ -109,7 +114,10 @@ class Run:
         self._group = group
         self.attrs = attrs
         self.params = [
-            ParamInfo(i, p["id"], p["name"], p["role"], p["module_type"], int(p["layer"]), (int(p["shape"][0]), int(p["shape"][1])))
+            ParamInfo(
+                i, p["id"], p["name"], p["role"], p["module_type"], int(p["layer"]), (int(p["shape"][0]), int(p["shape"][1])),
+                {k: v for k, v in p.items() if k not in ("id", "name", "role", "module_type", "layer", "shape")},
+            )
             for i, p in enumerate(attrs["params"])
         ]
         self._by_name = {p.name: p for p in self.params}

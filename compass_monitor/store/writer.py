@@ -172,6 +172,8 @@ class RunWriter:
                     "module_type": p.module_type,
                     "layer": p.layer,
                     "shape": list(p.shape),
+                    # optional facts of the matrix (source tensor, storage layout, fused rows, heads)
+                    **{k: v for k, v in getattr(p, "extra", {}).items() if k not in ("id", "name", "role", "module_type", "layer", "shape")},
                 }
                 for i, p in enumerate(params)
             ],
