@@ -163,8 +163,8 @@ def canonical_view(
         part: rows of a fused projection to take (in the (out, in) orientation).
 
     The result is a view where the layout allows (plain, expert, contiguous
-    row block of ``nn.Linear``); a transposed or strided part is copied by
-    ``reshape`` when flattened.
+    row block of ``nn.Linear``); a transposed or strided part is copied into
+    a row-major tensor.
     """
 
     def view() -> torch.Tensor:
@@ -176,6 +176,8 @@ def canonical_view(
         if part is not None:  # the fused matrix is count periods of rows; the part is rows [offset, offset + length) of each
             cols = t.shape[1]
             t = t.unflatten(0, (part.count, part.period))[:, part.offset : part.offset + part.length].reshape(part.rows, cols)
-        return t
+        # Row-major like an unfused nn.Linear weight (a no-op for those): downstream kernels (BLAS in the spectral
+        # diagnostics) then see the same memory layout, so a fused model's numbers equal the unfused model's bit for bit.
+        return t.contiguous()
 
     return view

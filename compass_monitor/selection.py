@@ -259,7 +259,9 @@ class _Selector:
         return self.tuners.get(id(module))
 
     def add_linear(self, module_name: str, module: nn.Module, full: str, param: torch.Tensor, tuner: Any, trainable: bool, reason: str) -> None:
-        kind = classify(module_name, user_map=self.config.module_type_map or None, param_name=full)
+        # A 3-D expert tensor is named by its parameter (experts.gate_up_proj, experts.down_proj), a layer by its module.
+        where = full if param.dim() == 3 else module_name
+        kind = classify(where, user_map=self.config.module_type_map or None, param_name=full)
         if kind == "other" and full not in self.unknown:
             self.unknown.append(full)
         layout = storage_layout(module)  # a LoRA delta comes in the base's storage layout (fan_in_fan_out)
@@ -273,7 +275,7 @@ class _Selector:
         cols = matrix_shape[0] if layout == "in_out" else matrix_shape[1]
         parts: list[FusedPart] | None = None
         if kind in ("qkv", "gate_up"):
-            parts, why = fused_parts(module_name, kind, out, self.geometry)
+            parts, why = fused_parts(where, kind, out, self.geometry)
             if parts is None:
                 self.notes.append(f"{full}: fused {kind} projection kept whole ({why})")
         for expert in experts:
