@@ -138,8 +138,9 @@ def lora_trainable(layer: nn.Module) -> list[torch.Tensor]:
     """The adapter factors of a tuner layer's active adapters (their training moves the effective weight)."""
     out = []
     for adapter in _active_adapters(layer):
-        for container in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            module = getattr(layer, container, {}).get(adapter) if hasattr(getattr(layer, container, None), "get") else None
+        for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            container = getattr(layer, name, None)  # a ModuleDict / ParameterDict keyed by adapter
+            module = container[adapter] if container is not None and adapter in container else None
             if isinstance(module, nn.Module):
                 out.extend(module.parameters())
             elif isinstance(module, torch.Tensor):
