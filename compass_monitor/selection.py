@@ -369,5 +369,6 @@ def select_matrices(model: nn.Module, config: MonitorConfig, *, optimizer: Any =
 
 
 def select_parameters(model: nn.Module, config: MonitorConfig) -> list[tuple[ParamSpec, torch.Tensor]]:
-    """``(spec, current (m, n) values)`` of every selected matrix (see :func:`select_matrices`)."""
-    return [(m.spec, m.matrix()) for m in select_matrices(model, config).matrices]
+    """``(spec, tensor)`` of every selected matrix: the parameter itself where it is stored as measured,
+    else its current canonical (m, n) values (see :func:`select_matrices`)."""
+    return [(m.spec, m.source if m.plain else m.matrix()) for m in select_matrices(model, config).matrices]
