@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from compass_monitor import CompassMonitor, MonitorConfig, open_run
+from compass_monitor.module_types import MODULE_TYPES
 
 T = pytest.importorskip("transformers")
 
@@ -275,3 +276,63 @@ def test_every_linear_matrix_measured_as_what_it_is(family, tmp_path, caplog):
         np.testing.assert_array_equal(run.mask(name, 0), want, err_msg=name)
         info = run.param(name)
         assert (info.get("source"), info.get("layout"), info.get("rows")) == (_source_name(name), layout, rows)
+
+
+# -- the README's "Supported models and wrappers" table, generated from what the tests cover --------------------
+#: (wrapping or framework, what the monitor sees through, the test that covers it)
+WRAPPINGS = (
+    ("plain `nn.Module`", "state_dict names as they are", "test_wrappers.py::test_every_wrapping_writes_the_same_names_and_resumes_across_wrappings"),
+    ("`torch.compile`", "`_orig_mod.` removed", "test_wrappers.py::test_every_wrapping_writes_the_same_names_and_resumes_across_wrappings"),
+    ("activation checkpointing", "`_checkpoint_wrapped_module.` removed", "test_wrappers.py::test_every_wrapping_writes_the_same_names_and_resumes_across_wrappings"),
+    ("DDP (gloo, 2 ranks)", "`module.` removed; rank 0 monitors", "test_wrappers.py::test_every_wrapping_writes_the_same_names_and_resumes_across_wrappings"),
+    ("FSDP1 + activation checkpointing", "`_fsdp_wrapped_module.` removed; a monitor per rank", "test_wrappers.py::test_every_wrapping_writes_the_same_names_and_resumes_across_wrappings"),
+    ("FSDP2 `fully_shard`", "DTensor `Shard(0)`; a monitor per rank", "test_wrappers.py::test_every_wrapping_writes_the_same_names_and_resumes_across_wrappings"),
+    ("PEFT LoRA (incl. rsLoRA)", "`base_model.model.`, `.base_layer` removed; the merged weight W + s·B·A", "test_lora_frozen.py::test_lora_masks_equal_merge_and_unload"),
+    ("frozen parameters", "left out, listed in the store (`include_frozen=True` keeps them)", "test_lora_frozen.py::test_frozen_blocks_left_out_global_figures_of_trained_matrices"),
+    ("Lightning `fit()` twice", "one store, continued at the real optimizer step", "test_integration_lightning.py::test_fit_twice_continues_the_same_store"),
+    ("HF `train()` twice", "one store, continued at the real optimizer step", "test_integration_hf.py::test_train_twice_continues_the_same_store"),
+    ("HF `restore_callback_states_from_checkpoint=True`", "the rebuilt callback stays first; scalars reach TensorBoard", "test_integration_hf.py::test_restored_callback_states_keep_logging_to_tensorboard"),
+)
+
+
+def support_table() -> str:
+    """The Markdown tables of the README section, from :data:`ARCHITECTURES` and :data:`WRAPPINGS`."""
+    lines = ["| family | model class | module types | storage | fused projections split |", "|---|---|---|---|---|"]
+    for family in sorted(ARCHITECTURES):
+        build, expected = ARCHITECTURES[family]
+        model_class = type(build()).__name__
+        kinds = sorted({kind for _, kind, *_ in expected}, key=MODULE_TYPES.index)
+        storage = "(in, out) `Conv1D`, transposed" if any(layout == "in_out" for _, _, layout, *_ in expected) else "(out, in)"
+        fused: dict[str, list[str]] = {}
+        interleaved: set[str] = set()
+        for name, kind, _, rows, _ in expected:
+            if rows is not None:
+                leaf = name.split("[", 1)[0].removesuffix(".weight").rsplit(".", 1)[-1]
+                fused.setdefault(leaf, [])
+                if kind not in fused[leaf]:
+                    fused[leaf].append(kind)
+                if len(rows) > 1:
+                    interleaved.add(leaf)
+        split = "; ".join(f"`{leaf}` → {', '.join(parts)}{' (interleaved)' if leaf in interleaved else ''}" for leaf, parts in fused.items())
+        lines.append(f"| {family} | `{model_class}` | {', '.join(kinds)} | {storage} | {split or '–'} |")
+    lines += ["", "| wrapping | seen through | test |", "|---|---|---|"]
+    lines += [f"| {what} | {how} | `tests/{test}` |" for what, how, test in WRAPPINGS]
+    return "\n".join(lines)
+
+
+def test_readme_support_table_is_current():
+    """README's table is this module's output (regenerate: ``python tests/test_architectures.py``)."""
+    import importlib
+    from pathlib import Path
+
+    for _, _, test in WRAPPINGS:  # every row names a test that exists
+        module, function = test.split("::")
+        assert hasattr(importlib.import_module(module.removesuffix(".py")), function), test
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- support-table:start -->\n", 1)[1].split("\n<!-- support-table:end -->", 1)[0]
+    assert block == support_table()
+
+
+if __name__ == "__main__":
+    logging.disable(logging.WARNING)
+    print(support_table())
