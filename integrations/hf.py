@@ -99,10 +99,6 @@ class CompassTrainerCallback(TrainerCallback, ExportableState):
         self.run_dir = os.fspath(run_dir)
         self.config = MonitorConfig(**config) if isinstance(config, dict) else (config or MonitorConfig())
         self.log_scalars = log_scalars
-        self.prefix = prefix
-        self.log_groups = None if log_groups is None else tuple(log_groups)
-        self.run_name = run_name
-        self.metadata = metadata
         self.core = AdapterCore(
             self.run_dir, config=self.config, prefix=prefix, log_groups=log_groups, run_name=run_name, metadata=metadata
         )
@@ -209,10 +205,10 @@ class CompassTrainerCallback(TrainerCallback, ExportableState):
                 "run_dir": self.run_dir,
                 "config": self.config.to_dict(),
                 "log_scalars": self.log_scalars,
-                "prefix": self.prefix,
-                "log_groups": None if self.log_groups is None else list(self.log_groups),
-                "run_name": self.run_name,
-                "metadata": self.metadata,
+                "prefix": self.core.prefix,
+                "log_groups": None if self.core.log_groups is None else list(self.core.log_groups),
+                "run_name": self.core.run_name,
+                "metadata": self.core.metadata or None,
             },
             "attributes": {"_resume_from": resume},
         }

@@ -171,3 +171,13 @@ def test_store_records_selection_and_source_layout(tmp_path):
     q = run.param("transformer.h.0.attn.c_attn.weight[q]")
     assert (q.shape, q.get("layout"), q.get("rows"), q.get("heads"), q.get("head_dim")) == ((16, 16), "in_out", [[0, 16]], 4, 4)
     assert run.attrs["selection"]["frozen"] == []
+
+
+def test_inspect_lists_frozen_matrices(tmp_path):
+    from compass_monitor.store.inspect import inspect_text
+
+    model = _llama(layers=2)
+    model.model.layers[1].requires_grad_(False)
+    CompassMonitor(model, tmp_path / "run", config=MonitorConfig(principal_rank=2)).close()
+    text = inspect_text(tmp_path / "run")
+    assert "frozen: 7 matrices (not monitored): model.layers.1.self_attn.q_proj.weight: frozen (requires_grad=False)" in text

@@ -88,7 +88,7 @@ def test_every_wrapping_writes_the_same_names_and_resumes_across_wrappings(tmp_p
     shutil.copytree(tmp_path / "written", tmp_path / "resumed_plain")
     resumed_plain = _train(plain, tmp_path / "resumed_plain", 2, resume=True, seed=7)
     ranks = H.spawn(_distributed, 2, str(tmp_path), str(tmp_path / "step4.pt"))
-    results = {**single, "compiled_checkpointed": written, "resumed_plain": resumed_plain, **ranks[0]}
+    results = {**single, "written": written, "resumed_plain": resumed_plain, **ranks[0]}
     for kind, result in results.items():
         assert result["disabled"] is None, (kind, result["disabled"])
         assert result["names"] == expected, kind
@@ -97,3 +97,29 @@ def test_every_wrapping_writes_the_same_names_and_resumes_across_wrappings(tmp_p
         run = open_run(tmp_path / f"resumed_{kind}")
         assert list(run.steps) == [2, 4, 6], kind  # 2 and 4 from the compiled run, 6 after the resume
         assert results[f"resumed_{kind}"]["step"] == 6
+
+
+def _sharded_gpt2(rank: int, world: int, path: str) -> str:
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from compass_monitor.sharding import ShardingError
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=4, vocab_size=64))
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    try:
+        CompassMonitor(model, path, config=CONFIG)
+    except ShardingError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def test_a_sharded_transposed_fused_matrix_is_refused_by_name(tmp_path):
+    """FSDP2 shards GPT-2's (in, out) c_attn storage by rows of the *input*: no shard is a row block of q."""
+    message = H.spawn(_sharded_gpt2, 2, str(tmp_path / "run"))[0]
+    assert "'transformer.h.0.attn.c_attn.weight[q]'" in message
+    assert "stored transposed (Conv1D, (in, out)) and a row block of the fused transformer.h.0.attn.c_attn.weight" in message
