@@ -35,8 +35,15 @@ this VM's ext4, deleting thousands of files makes the next file creations
 10-40x slower for a while (``bench/bench_fs_files.py``), which would charge the
 monitor's writer for the benchmark's own clean-up.
 
-Usage: python bench/bench_hf_overhead.py [--steps 20] [--pairs 7] [--every 1 10] [--batch 8] [--torch-threads N] [--out FILE]
-Writes bench/results/hf_overhead_cpu.json.
+GPU (``--device cuda``): the same comparison in bf16 mixed precision
+(``TrainingArguments(bf16=True)``: fp32 master weights, bf16 autocast), on a
+larger Llama (``--hidden 1024 --intermediate 2816 --layers 8`` by default on
+CUDA); each step mark waits for the device (``torch.cuda.synchronize``) in
+both arms. Writes bench/results/hf_overhead_<gpu-name>.json.
+
+Usage: python bench/bench_hf_overhead.py [--device cpu|cuda] [--steps 20] [--pairs 7] [--every 1 10] [--batch 8]
+       [--hidden H --intermediate I --layers L] [--torch-threads N] [--out FILE]
+Writes bench/results/hf_overhead_cpu.json (CPU).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -60,6 +68,9 @@ from compass_monitor import MonitorConfig
 from compass_monitor.integrations.hf import watch
 
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, SEQ, BATCH = 512, 256, 688, 4, 128, 8
+# The model's shape; main() replaces it from the command line (--hidden, --intermediate, --layers).
+SHAPE = {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "layers": LAYERS}
+CUDA_SHAPE = {"hidden": 1024, "intermediate": 2816, "layers": 8}
 
 
 class StepClock(TrainerCallback):
@@ -70,6 +81,8 @@ class StepClock(TrainerCallback):
         self.cpu_marks: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the step's kernels are done (both arms alike)
         self.marks.append(time.perf_counter())
         self.cpu_marks.append(time.process_time())  # CPU time of every thread of the process (the store writer's too)
 
@@ -89,11 +102,11 @@ class TokenData(torch.utils.data.Dataset):
 def build_model(state: dict[str, torch.Tensor] | None = None) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=SHAPE["hidden"],
+        intermediate_size=SHAPE["intermediate"],
+        num_hidden_layers=SHAPE["layers"],
+        num_attention_heads=max(4, SHAPE["hidden"] // 128),
+        num_key_value_heads=max(4, SHAPE["hidden"] // 128),
         max_position_embeddings=SEQ,
     )
     torch.manual_seed(0)
@@ -103,7 +116,7 @@ def build_model(state: dict[str, torch.Tensor] | None = None) -> LlamaForCausalL
     return model
 
 
-def run_once(workdir: Path, state, data, *, steps: int, monitored: bool, every: int, batch: int) -> dict[str, float]:
+def run_once(workdir: Path, state, data, *, steps: int, monitored: bool, every: int, batch: int, device: str = "cpu") -> dict[str, float]:
     args = TrainingArguments(
         output_dir=str(workdir / "out"),
         max_steps=steps,
@@ -112,7 +125,8 @@ def run_once(workdir: Path, state, data, *, steps: int, monitored: bool, every: 
         logging_steps=10_000,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=device == "cpu",
+        bf16=device != "cpu",  # mixed precision: fp32 masters, bf16 autocast
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=0,
@@ -194,21 +208,25 @@ def _writer_cpu() -> float:
     return total
 
 
-def snapshot_costs(state, repeats: int = 5) -> dict[str, float]:
+def snapshot_costs(state, repeats: int = 5, device: str = "cpu") -> dict[str, float]:
     """Where a snapshot's time goes, outside any Trainer: measuring (synchronous) vs writing it to the store."""
     from compass_monitor import CompassMonitor
 
-    model = build_model(state)
+    model = build_model(state).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = TokenData(BATCH)[0]["input_ids"].repeat(BATCH, 1)
+    ids = TokenData(BATCH)[0]["input_ids"].repeat(BATCH, 1).to(device)
     measure, write, measure_cpu, write_cpu = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         monitor = CompassMonitor(model, Path(tmp) / "run", config=MonitorConfig(every_n_steps=1, principal_rank=64))
         monitor.flush()
         for _ in range(repeats):
-            model(input_ids=ids, labels=ids).loss.backward()
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            if device != "cpu":
+                torch.cuda.synchronize()
             t, c = time.perf_counter(), time.process_time()
             monitor.on_optimizer_step()
             t1, c1 = time.perf_counter(), time.process_time()
@@ -224,7 +242,7 @@ def snapshot_costs(state, repeats: int = 5) -> dict[str, float]:
     }
 
 
-def machine() -> dict[str, object]:
+def machine(device: str = "cpu") -> dict[str, object]:
     model_name = platform.processor()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -236,7 +254,7 @@ def machine() -> dict[str, object]:
         "cpu": model_name,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": "cpu" if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -246,13 +264,23 @@ def machine() -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 mixed precision)")
+    parser.add_argument("--hidden", type=int, default=None, help=f"default {HIDDEN} on cpu, {CUDA_SHAPE['hidden']} on cuda")
+    parser.add_argument("--intermediate", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--every", type=int, nargs="+", default=[1, 10], help="snapshot cadences to measure (optimizer steps)")
     parser.add_argument("--batch", type=int, default=BATCH, help=f"sequences of {SEQ} tokens per optimizer step")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's, all cores)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hf_overhead_cpu.json")
+    parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
+    cuda = options.device != "cpu"
+    for key in SHAPE:
+        SHAPE[key] = getattr(options, key) or (CUDA_SHAPE if cuda else SHAPE)[key]
+    if options.out is None:
+        name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(torch.device(options.device)).lower()).strip("-") if cuda else "cpu"
+        options.out = Path(__file__).parent / "results" / f"hf_overhead_{name}.json"
 
     transformers.logging.set_verbosity_error()
     if options.torch_threads:
@@ -262,7 +290,7 @@ def main() -> None:
     linear = sum(p.numel() for n, p in build_model().named_parameters() if p.dim() == 2 and "proj" in n)
     load_before = list(os.getloadavg())
     # Before the runs, whose stores are deleted together at the end (see below).
-    one_snapshot = snapshot_costs(state)
+    one_snapshot = snapshot_costs(state, device=options.device)
     by_cadence: dict[int, list[dict]] = {every: [] for every in options.every}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(options.pairs):
@@ -270,7 +298,9 @@ def main() -> None:
                 results = {}
                 for monitored in ((False, True) if i % 2 == 0 else (True, False)):  # alternate which runs first
                     workdir = Path(tmp) / f"{i}-{every}-{monitored}"
-                    results[monitored] = run_once(workdir, state, data, steps=options.steps, monitored=monitored, every=every, batch=options.batch)
+                    results[monitored] = run_once(
+                        workdir, state, data, steps=options.steps, monitored=monitored, every=every, batch=options.batch, device=options.device
+                    )
                     # Run stores are kept until the end: deleting thousands of files between runs
                     # makes this disk's next file creations 10-40x slower for a while
                     # (bench/bench_fs_files.py), a cost no real training run pays.
@@ -304,10 +334,11 @@ def main() -> None:
 
     report = {
         "benchmark": "HF Trainer step time, CompassTrainerCallback (snapshot every step) vs none",
-        "machine": machine(),
-        "model": f"LlamaForCausalLM, {LAYERS} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, vocab {VOCAB}, random init",
+        "machine": machine(options.device),
+        "model": f"LlamaForCausalLM, {SHAPE['layers']} layers, hidden {SHAPE['hidden']}, intermediate {SHAPE['intermediate']}, "
+        f"vocab {VOCAB}, random init",
         "monitored_linear_weights": linear,
-        "batch": f"{options.batch} x {SEQ} tokens, AdamW, fp32",
+        "batch": f"{options.batch} x {SEQ} tokens, AdamW, " + ("bf16 mixed precision (fp32 masters)" if cuda else "fp32"),
         "steps_per_run": options.steps,
         "warmup_steps_excluded": WARMUP,
         "load_average_before_after": [load_before, list(os.getloadavg())],

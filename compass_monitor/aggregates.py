@@ -8,7 +8,11 @@ definitions live in one place:
 * random baseline of an overlap: the density of X (alpha for the principal and
   low masks), per group weighted by each matrix's ``|M|``, i.e. the overlap if
   every matrix's changes fell uniformly at random inside it;
-* precision null (``precision_null``), per group weighted the same way.
+* precision null (``precision_null``), per group weighted the same way;
+* across runs (Sec. 2.2, Fig. 2, Fig. 8): Jaccard ``|A ∩ B| / |A ∪ B|`` of two
+  runs' masks, its independent-Bernoulli baseline ``pq / (p + q - pq)``, pooled
+  over a group of matrices, and the distribution of the consensus ratio
+  ``C = mean_r M^(r)`` expected if runs changed weights independently.
 """
 
 from __future__ import annotations
@@ -22,7 +26,22 @@ import numpy as np
 from .store import Run, ParamInfo
 from .store.schema import COUNT_FIELDS, REFERENCE_MASKS
 
-__all__ = ["GroupStats", "aggregate_counts", "group_stats", "scalars", "by_module_type", "by_role", "by_layer", "everything_linear"]
+__all__ = [
+    "GroupStats",
+    "aggregate_counts",
+    "group_stats",
+    "scalars",
+    "by_module_type",
+    "by_role",
+    "by_layer",
+    "everything_linear",
+    "ratio",
+    "jaccard",
+    "pooled_jaccard",
+    "independent_jaccard",
+    "pooled_independent_jaccard",
+    "consensus_distribution",
+]
 
 _INTERSECTION_FIELDS = ("changed_and_principal", "changed_and_low", "changed_and_principal_not_low")
 
@@ -61,9 +80,13 @@ def everything_linear(p: Any) -> str | None:
     return "all linear" if p.role == "linear" else None
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def ratio(num: Any, den: Any) -> np.ndarray:
+    """``num / den`` elementwise as float64, NaN where ``den`` is 0 (a ratio of nothing is undefined, not 0)."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
 
 
 def group_stats(run: Run, key: Callable[[ParamInfo], str | None]) -> dict[str, GroupStats]:
@@ -112,10 +135,10 @@ def aggregate_counts(
         overlap, baseline, null_g = {}, {}, {}
         for j, (mask, field) in enumerate(zip(REFERENCE_MASKS, _INTERSECTION_FIELDS)):
             inter = counts[:, idx, COUNT_FIELDS.index(field)].sum(axis=1)
-            overlap[mask] = _ratio(inter, total_changed)
+            overlap[mask] = ratio(inter, total_changed)
             density = mask_sizes[idx, j] / numel[idx]
-            baseline[mask] = _ratio((changed * density).sum(axis=1), total_changed)
-            null_g[mask] = _ratio(np.nansum(changed * null[:, idx, j], axis=1), total_changed)
+            baseline[mask] = ratio((changed * density).sum(axis=1), total_changed)
+            null_g[mask] = ratio(np.nansum(changed * null[:, idx, j], axis=1), total_changed)
         result[name] = GroupStats(
             name=name,
             num_matrices=len(idx),
@@ -146,3 +169,72 @@ def scalars(stats: dict[str, GroupStats], *, prefix: str = "compass", index: int
             out[f"{base}/rand_{mask}"] = float(s.random_baseline[mask][index])
             out[f"{base}/null_{mask}"] = float(s.null[mask][index])
     return out
+
+
+# -- across runs (Sec. 2.2) ---------------------------------------------------------------
+def independent_jaccard(p: Any, q: Any) -> np.ndarray:
+    """Expected Jaccard of two independent Bernoulli masks of densities ``p`` and ``q``: ``pq / (p + q - pq)``.
+
+    The paper's baseline (Sec. 2.2); NaN where both densities are 0.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    return ratio(p * q, p + q - p * q)
+
+
+def jaccard(mask_a: np.ndarray, mask_b: np.ndarray) -> tuple[float, float]:
+    """Jaccard index ``|A ∩ B| / |A ∪ B|`` of two boolean masks of one shape and its independent
+    baseline ``pq / (p + q - pq)`` (p, q the masks' densities); NaN for two empty masks."""
+    inter = np.count_nonzero(mask_a & mask_b)
+    union = np.count_nonzero(mask_a | mask_b)
+    n = mask_a.size
+    p, q = np.count_nonzero(mask_a) / n, np.count_nonzero(mask_b) / n
+    return float(ratio(inter, union)), float(independent_jaccard(p, q))
+
+
+def pooled_jaccard(intersections: Any, changed_a: Any, changed_b: Any) -> float:
+    """Jaccard of a group of matrices taken as one set of weights: ``sum|A∩B| / sum(|A| + |B| - |A∩B|)``.
+
+    Args: per-matrix counts, arrays of shape (P,).
+    """
+    inter = np.asarray(intersections, dtype=np.float64)
+    union = np.asarray(changed_a, dtype=np.float64) + np.asarray(changed_b, dtype=np.float64) - inter
+    return float(ratio(inter.sum(), union.sum()))
+
+
+def pooled_independent_jaccard(numel: Any, changed_a: Any, changed_b: Any) -> float:
+    """Independent baseline of :func:`pooled_jaccard`: each matrix's masks drawn independently with
+    its own densities p_i, q_i, the ratio of expected sizes ``sum n_i p_i q_i / sum n_i (p_i + q_i - p_i q_i)``.
+
+    For one matrix this is ``pq / (p + q - pq)``; for a group it does not mix a dense
+    matrix with a sparse one as if their changes were interchangeable.
+    """
+    n = np.asarray(numel, dtype=np.float64)
+    p = ratio(changed_a, n)
+    q = ratio(changed_b, n)
+    inter = n * p * q
+    union = n * (p + q - p * q)
+    return float(ratio(np.nansum(inter), np.nansum(union)))
+
+
+def consensus_distribution(densities: Any, numel: Any) -> np.ndarray:
+    """Expected number of weights changed in exactly k of R runs, k = 0..R, if each run r changed each
+    weight of matrix i independently with probability ``densities[r, i]`` (a Poisson-binomial law per matrix).
+
+    Args:
+        densities: (R, P) changed fractions ``|M|/n`` per run and matrix.
+        numel: (P,) weights per matrix.
+
+    Returns:
+        (R + 1,) float64 expected counts summed over the matrices; divide by ``sum(numel)`` for fractions.
+        The consensus ratio of a weight changed in k runs is ``C = k / R`` (Sec. 2.2).
+    """
+    p = np.asarray(densities, dtype=np.float64)
+    n = np.asarray(numel, dtype=np.float64)
+    r, num = p.shape
+    law = np.zeros((r + 1, num))
+    law[0] = 1.0
+    for j in range(r):  # add one run at a time: P_k <- P_k (1 - p) + P_{k-1} p
+        shifted = np.vstack([np.zeros((1, num)), law[:-1]])
+        law = law * (1.0 - p[j]) + shifted * p[j]
+    return (law * n[None, :]).sum(axis=1)

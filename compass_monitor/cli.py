@@ -19,6 +19,41 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .report.compare_table import compare_json, compare_text
+    from .report.crossrun import cross_run_stats
+
+    if len(args.runs) < 2:
+        raise ValueError(f"compare needs at least two runs, got {len(args.runs)}")
+    if args.tui:
+        from .tui.screens.compare import run_compare_tui  # Textual only for --tui
+
+        return run_compare_tui(args.runs)
+    runs = [open_run(path) for path in args.runs]
+    stats = cross_run_stats(runs, step=args.step)
+    print(json.dumps(compare_json(stats, runs), indent=2) if args.json else compare_text(stats, runs))
+    return 0
+
+
+def _add_report_commands(sub: argparse._SubParsersAction) -> None:
+    compare = sub.add_parser(
+        "compare",
+        help="compare runs of one base model: mask Jaccard per module type vs the independent baseline, consensus",
+        description="Cross-run numbers at the last optimizer step all runs stored (Sec. 2.2, Fig. 2, Fig. 8): "
+        "changed fraction per module type, pairwise Jaccard |A∩B|/|A∪B| of the final masks pooled per module type "
+        "beside the independent-Bernoulli baseline pq/(p+q-pq), and the consensus ratio's histogram. Runs of "
+        "different base models are refused. Snapshots are paired by optimizer step; if the runs share no step, "
+        "as of each step of the run with fewest snapshots (latest snapshot at or before it).",
+    )
+    compare.add_argument("runs", metavar="RUN", nargs="+", help="two or more run store directories")
+    compare.add_argument("--step", type=int, default=None, help="compare at this aligned optimizer step (default: the last)")
+    compare.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    compare.add_argument("--tui", action="store_true", help="open the terminal UI's compare screen on these runs (consensus view for three or more)")
+    compare.set_defaults(func=_cmd_compare)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .store.inspect import inspect_text
 
@@ -98,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_cmd_demo)
     _add_tui_commands(sub)
+    _add_report_commands(sub)
     return parser
 
 

@@ -73,6 +73,7 @@ from .bf16 import ABS_MASK, INF_BITS, bf16_bits, canonical_bits, changed_from_bi
 from .bitpack import pack_bits
 from .config import MonitorConfig
 from .matrix_probe import _FP_CHUNK, _FP_MOD, _FP_MULTIPLIERS, changed_np, counts_np, counts_torch
+from .kernels import fused_available, fused_measure_range  # kernels (issue 17): the fused accelerator pass
 from .precision_null import class_counts as _class_counts
 from .precision_null import spacing_class
 from .principal import gram_from_symmetric, gram_parts, project_rows, scale_exponent, top_basis
@@ -1076,6 +1077,9 @@ def _measure_range(state: ShardState, shape: tuple[int, int], *, backend: str = 
     numpy on host arrays when the base is in CPU memory (``backend="auto"``); torch
     tensors on the base's device otherwise (the caller copies them to the host in one go).
     """
+    # kernels (issue 17): on CUDA with triton, one fused pass with the torch branch's outputs.
+    if backend == "auto" and fused_available(state.base_bits.device):
+        return fused_measure_range(state, shape)
     m, n = shape
     start, numel = state.start, state.numel
     values = state.shard.local()

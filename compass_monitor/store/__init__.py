@@ -2,7 +2,15 @@
 
 from .async_writer import AsyncWriter
 from .reader import ParamInfo, Run, open_run
-from .schema import NotARunError, ResumeError, SchemaVersionError, StoreError, StoreExistsError
+from .schema import (
+    NotARunError,
+    ResumeError,
+    SchemaVersionError,
+    StoreDamagedError,
+    StoreError,
+    StoreExistsError,
+    StoreLockedError,
+)
 from .writer import RunWriter, SnapshotRecord
 
 __all__ = [
@@ -14,7 +22,9 @@ __all__ = [
     "RunWriter",
     "SchemaVersionError",
     "SnapshotRecord",
+    "StoreDamagedError",
     "StoreError",
     "StoreExistsError",
+    "StoreLockedError",
     "open_run",
 ]

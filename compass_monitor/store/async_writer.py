@@ -16,7 +16,11 @@ A failure in the writer thread (disk full, an unwritable store) never raises
 into training: it is logged, kept in :attr:`AsyncWriter.error`, every later
 submission is refused, and the monitor (which checks ``error`` on every step)
 disables itself. With ``queue_size=0`` there is no thread: each snapshot is
-written synchronously in the caller (errors are caught the same way).
+written synchronously in the caller (errors are caught the same way). Only
+``Exception`` counts as a writer failure: a ``KeyboardInterrupt`` or
+``SystemExit`` raised during a synchronous write stops the writer (the store
+keeps its committed snapshots) and propagates, so Ctrl-C always stops training.
+Stopping (``close``, ``abort``, ``release``) gives the store's writer lock up.
 
 Memory: at most ``queue_size`` snapshots wait in the queue, plus one being
 written: each holds the packed masks (1 bit per weight) and row/column counts.
@@ -150,12 +154,21 @@ class AsyncWriter:
                 self._take_gaps(gaps_upto)
                 fn(*args)
                 return True
-            except BaseException as exc:  # noqa: BLE001 - a writer failure must never reach training
+            except Exception as exc:  # noqa: BLE001 - a writer failure must never reach training
                 self.error = exc
                 self.error_context = what
                 log.error("compass-monitor: the run-store writer failed (%s): %s: %s", what, type(exc).__name__, exc)
                 log.debug("writer failure", exc_info=True)
                 return False
+            except BaseException as exc:
+                # Ctrl-C or SystemExit: the write may be half done, so the writer stops (the store
+                # keeps every committed snapshot); in the caller's thread the exception goes on.
+                self.error = exc
+                self.error_context = f"{what}, interrupted"
+                if threading.current_thread() is self._thread:
+                    log.error("compass-monitor: the run-store writer thread was stopped (%s): %s", what, type(exc).__name__)
+                    return False
+                raise
 
     def _put(self, job: Any) -> bool:
         if self._thread is None:  # synchronous mode
@@ -301,7 +314,11 @@ class AsyncWriter:
             self._queue.put(_STOP)
             self._thread.join(timeout=30)
             atexit.unregister(self._atexit)  # (a threading exit hook stays registered; it is a no-op now)
+            still_writing = self._thread.is_alive()
             self._thread = None
+            if still_writing:  # after 30 s: it keeps the store's lock until the process ends
+                return
+        self.writer.release()
 
     def _drain_at_exit(self) -> None:
         if self._closed or self._thread is None:

@@ -14,9 +14,7 @@ that stepping through time decodes one frame per step.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import numpy as np
 import zarr
 
 from . import codec, schema
+from .commit import liveness, read_commit, writer_alive
 
 __all__ = ["ParamInfo", "Run", "open_run", "reconstruct_packed"]
 
@@ -131,15 +130,7 @@ class Run:
         self._mask_cache: dict[int, tuple[int, np.ndarray]] = {}
 
     def _read_commit(self) -> dict[str, Any]:
-        for _ in range(3):
-            try:
-                with open(self.path / schema.COMMIT_FILE, encoding="utf-8") as handle:
-                    return json.load(handle)
-            except FileNotFoundError:
-                return {"snapshots": 0, "last_step": None, "status": "unknown", "heartbeat": None}
-            except json.JSONDecodeError:  # not written by this package's atomic writer; retry
-                time.sleep(0.01)
-        raise schema.StoreError(f"{self.path / schema.COMMIT_FILE} is not valid JSON")
+        return read_commit(self.path)
 
     # -- live viewing ------------------------------------------------------------
     def refresh(self) -> bool:
@@ -187,28 +178,21 @@ class Run:
     @property
     def writer_alive(self) -> bool | None:
         """For a ``running`` run written on this host: whether the writing process still exists (None if unknown)."""
-        writer = self.commit.get("writer") or {}
-        if self.status != "running" or writer.get("host") != socket.gethostname() or not writer.get("pid"):
-            return None
-        try:
-            os.kill(int(writer["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return writer_alive(self.commit)
+
+    @property
+    def liveness(self) -> str:
+        """``live``, ``stale``, ``crashed`` (running runs), ``finished``, ``disabled`` or ``unknown``;
+        one definition for every view (``commit.liveness``)."""
+        if self.status != "running":
+            return liveness(self.commit)
+        return liveness(self.commit, times=self.times if self.num_snapshots >= 3 else None)
 
     @property
     def is_stale(self) -> bool:
-        """A ``running`` run whose writer is gone: its process is dead, or its heartbeat is older than
-        three heartbeat intervals (5 minutes if the writer recorded none)."""
-        if self.status != "running":
-            return False
-        if self.writer_alive is False:
-            return True
-        age = self.heartbeat_age
-        interval = self.commit.get("heartbeat_interval") or 100.0
-        return age is not None and age > 3 * float(interval)
+        """A ``running`` run whose writer is gone: its process is dead (``crashed``), or its last commit
+        is older than ``commit.stale_threshold`` (``stale``)."""
+        return self.liveness in ("stale", "crashed")
 
     @property
     def gaps(self) -> list[tuple[int, int, int]]:

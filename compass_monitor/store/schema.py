@@ -22,6 +22,9 @@ __all__ = [
     "NotARunError",
     "SchemaVersionError",
     "ResumeError",
+    "StoreDamagedError",
+    "StoreLockedError",
+    "LOCK_FILE",
 ]
 
 FORMAT_NAME = "compass-monitor-run"
@@ -31,6 +34,8 @@ SCHEMA_VERSION = 2
 OLDEST_READABLE_VERSION = 1
 #: JSON file replaced atomically after each snapshot; readers read only up to it.
 COMMIT_FILE = "commit.json"
+#: Held (``flock``) by the one process writing the store; holds that writer's pid and host.
+LOCK_FILE = "writer.lock"
 #: ``running`` (a writer is or was appending), ``finished``, ``disabled`` (the monitor stopped itself).
 RUN_STATUSES = ("running", "finished", "disabled")
 #: Previews: at most this many blocks along each axis of a matrix.
@@ -89,6 +94,15 @@ class SchemaVersionError(StoreError):
 
 class ResumeError(StoreError):
     """A run store cannot be continued with this model or configuration (the message says what differs)."""
+
+
+class StoreDamagedError(StoreError):
+    """Part of the store is missing, truncated, corrupt or inconsistent (the message names the file
+    and, where there is one, the snapshot). Nothing damaged is ever returned as data."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the run store (the message names its pid and host)."""
 
 #: Spectral diagnostics (T, P, len(SPECTRAL_FIELDS)) float64, NaN where not computed
 #: (off, or not a spectral snapshot). Added in schema 2; older stores lack the array.

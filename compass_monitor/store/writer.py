@@ -18,11 +18,11 @@ runs it on a background thread for the monitor).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-import socket
-import threading
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,9 +34,11 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from . import codec, schema
+from .commit import read_commit, write_commit, write_json_atomic, writer_identity
+from .lock import WriterLock
 from .row_chunks import RowChunks
 
-__all__ = ["RunWriter", "SnapshotRecord", "check_target_free", "DEFAULT_KEY_INTERVAL"]
+__all__ = ["RunWriter", "SnapshotRecord", "check_target_free", "check_no_symlinks", "DEFAULT_KEY_INTERVAL"]
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,31 @@ class SnapshotRecord:
     spectral: np.ndarray | None = None  # (P, len(SPECTRAL_FIELDS)) float64, None = not computed
 
 
+#: Top-level entries a store's creation writes (an interrupted creation is cleared only if it holds nothing else).
+_CREATED_ENTRIES = frozenset(
+    {"zarr.json", schema.COMMIT_FILE, schema.LOCK_FILE, "snapshots", "metrics", "masks", "previews", "profiles", "base"}
+)
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".partial"))
+
+
 def check_target_free(path: Path) -> None:
-    """Refuse a path that holds anything, a run least of all. Writes nothing."""
+    """Refuse a path that holds anything, a run least of all. Writes nothing.
+
+    A directory holding only a writer lock (a creation that failed before
+    writing anything) counts as empty.
+    """
+    if path.is_symlink() and not path.exists():
+        raise schema.StoreExistsError(f"{path} is a dangling symlink; give a directory path for the run store")
     if path.exists() and not path.is_dir():
         raise schema.StoreExistsError(f"{path} is a file; give a directory path for the run store")
-    if path.is_dir() and any(path.iterdir()):
-        if (path / "zarr.json").exists():
+    if not path.is_dir():
+        return
+    entries = [e for e in os.listdir(path) if e != schema.LOCK_FILE and not _is_temporary(e)]
+    if entries:
+        if (path / "zarr.json").exists() or (path / schema.COMMIT_FILE).exists():
             raise schema.StoreExistsError(
                 f"{path} already holds a run store; choose a new run directory, or pass resume=True to "
                 "continue it (nothing was written, the existing run is untouched)"
@@ -86,22 +107,68 @@ def check_target_free(path: Path) -> None:
         )
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def _interrupted_creation(path: Path) -> str | None:
+    """Why the store at ``path`` is an interrupted creation that a new run may replace, or None.
 
-
-def read_commit(path: Path) -> dict[str, Any] | None:
-    """The commit file of the store at ``path`` (None if there is none)."""
-    try:
-        with open(path / schema.COMMIT_FILE, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
+    Called with the writer lock held, so its writer is gone. An interrupted
+    creation holds only entries a creation writes, and no data: no commit file,
+    or a ``running`` commit of zero snapshots without base weights.
+    """
+    entries = {e for e in os.listdir(path) if not _is_temporary(e)}
+    if not entries - {schema.LOCK_FILE}:
+        return None  # empty
+    if not entries <= _CREATED_ENTRIES or any((path / e).is_symlink() for e in entries):
         return None
+    try:
+        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8")) if "zarr.json" in entries else {}
+    except (OSError, ValueError):
+        return None
+    if "zarr.json" in entries and (meta.get("attributes") or {}).get("format") != schema.FORMAT_NAME:
+        return None
+    try:
+        commit = read_commit(path) if schema.COMMIT_FILE in entries else None
+    except schema.StoreDamagedError:
+        return None
+    if commit is None:
+        return "its creation was interrupted before its first commit"
+    if commit.get("status") == "running" and not commit.get("snapshots") and not commit.get("base_weights"):
+        return "its creation was interrupted before the base W0 was written (no snapshots)"
+    return None
+
+
+def _clear_interrupted_creation(path: Path) -> None:
+    for name in os.listdir(path):
+        if name == schema.LOCK_FILE:
+            continue  # never deleted: another creator may be waiting on it
+        full = path / name
+        if full.is_dir() and not full.is_symlink():
+            shutil.rmtree(full)
+        else:
+            full.unlink()
+
+
+def check_no_symlinks(root: Path) -> None:
+    """Refuse a store that holds a symlink anywhere below its root (a store never does; writing or
+    deleting through one could touch files outside the store).
+
+    Raises:
+        StoreDamagedError: naming the first symlink found.
+    """
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            if full.is_symlink():
+                raise schema.StoreDamagedError(
+                    f"{root}: {full.relative_to(root)} is a symlink (to {os.readlink(full)!r}); a run store holds none, "
+                    "so it was modified: refusing to write through it"
+                )
+
+
+def _os_error(root: Path, action: str, exc: OSError) -> schema.StoreError:
+    reason = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free disk space or choose another run_dir", errno.EROFS: "the file system is read-only; choose another run_dir",
+            errno.EACCES: "no permission; choose another run_dir", errno.EDQUOT: "disk quota exceeded; free space or choose another run_dir"}
+    return schema.StoreError(f"cannot {action} the run store at {root}: {reason}" + (f" ({hint[exc.errno]})" if exc.errno in hint else ""))
 
 
 def _drop_consolidated(path: Path) -> None:
@@ -109,16 +176,19 @@ def _drop_consolidated(path: Path) -> None:
     meta_path = path / "zarr.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.pop("consolidated_metadata", None) is not None:
-        _write_json_atomic(meta_path, meta)
+        write_json_atomic(meta_path, meta)
 
 
 class RunWriter:
     """Creates (or reopens, to resume) a run store and appends committed snapshots to it."""
 
-    def __init__(self, path: Path, group: zarr.Group, shapes: list[tuple[int, int]], *, key_interval: int) -> None:
+    def __init__(
+        self, path: Path, group: zarr.Group, shapes: list[tuple[int, int]], *, key_interval: int, lock: WriterLock | None = None
+    ) -> None:
         if key_interval < 1:
             raise ValueError(f"key_interval must be >= 1, got {key_interval!r}")
         self.path = path
+        self._lock = lock
         self._group = group
         self._shapes = [(int(m), int(n)) for m, n in shapes]
         self.key_interval = int(key_interval)
@@ -152,12 +222,51 @@ class RunWriter:
     ) -> "RunWriter":
         """Create the store's group and arrays, and commit zero snapshots.
 
+        Takes the store's writer lock first (``lock``); a directory holding only an
+        interrupted creation (no snapshots, no base weights, its writer gone) is
+        cleared and created afresh.
+
         Raises:
             StoreExistsError: ``path`` is a file, a non-empty directory or an existing run.
+            StoreLockedError: another process is creating or writing a store there.
+            StoreError: the store cannot be written (disk full, read-only, no permission).
         """
         root = Path(path)
-        check_target_free(root)
-        root.mkdir(parents=True, exist_ok=True)
+        if not (root.is_dir() and _interrupted_creation(root)):
+            check_target_free(root)  # early, before touching anything (reads only)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(root, "create", exc) from exc
+        lock = WriterLock.acquire(root, purpose="creating")
+        try:
+            # The authoritative checks, under the lock (another creator may have finished meanwhile).
+            why = _interrupted_creation(root)
+            if why is not None:
+                log.warning("compass-monitor: %s: replacing an earlier store there: %s", root, why)
+                _clear_interrupted_creation(root)
+            check_target_free(root)
+        except BaseException as exc:
+            lock.release()
+            if isinstance(exc, OSError):
+                raise _os_error(root, "create", exc) from exc
+            raise
+        try:
+            return cls._create_locked(root, lock, params, attributes, key_interval)
+        except BaseException as exc:
+            try:  # a failed creation leaves nothing behind (but the free lock file)
+                _clear_interrupted_creation(root)
+            except OSError:
+                pass
+            lock.release()
+            if isinstance(exc, OSError):
+                raise _os_error(root, "create", exc) from exc
+            raise
+
+    @classmethod
+    def _create_locked(
+        cls, root: Path, lock: WriterLock, params: list[_Param], attributes: dict[str, Any], key_interval: int
+    ) -> "RunWriter":
         # All attributes in the group's first metadata write: zarr's ``attrs.update``
         # rewrites zarr.json once per key, and a reader polling a run being created
         # would see a half-described group (format but no schema_version).
@@ -180,8 +289,9 @@ class RunWriter:
             "storage": {"key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS},
             **attributes,
         }
-        group = zarr.open_group(store=str(root), mode="w-", zarr_format=3, attributes=group_attributes)
-        writer = cls(root, group, [p.shape for p in params], key_interval=key_interval)
+        # (not ``open_group(mode="w-")``, which refuses a folder holding anything: the lock file)
+        group = zarr.create_group(store=str(root), zarr_format=3, attributes=group_attributes, overwrite=False)
+        writer = cls(root, group, [p.shape for p in params], key_interval=key_interval, lock=lock)
         writer._event("created")
         writer._create_arrays()
         writer._commit()
@@ -290,15 +400,35 @@ class RunWriter:
     def open_existing(cls, path: str | os.PathLike[str], *, key_interval: int | None = None) -> "RunWriter":
         """Open an existing run store to continue it. Changes nothing until :meth:`resume`.
 
+        Takes the store's writer lock first (from a writer of this process that was
+        never closed too: that one is revoked).
+
         Raises:
             NotARunError: no run store at ``path``.
+            StoreLockedError: another process writes the store.
+            StoreDamagedError: a symlink inside the store, damaged metadata or commit file.
             StoreError: the store was written by another schema version.
         """
         root = Path(path)
         if not (root / "zarr.json").is_file():
             raise schema.NotARunError(f"{root} holds no run store to resume (no zarr.json)")
-        group = zarr.open_group(store=str(root), mode="r+", use_consolidated=False)
-        attrs = dict(group.attrs)
+        lock = WriterLock.acquire(root, purpose="resuming", takeover=True)
+        try:
+            return cls._open_locked(root, lock, key_interval)
+        except BaseException as exc:
+            lock.release()
+            if isinstance(exc, OSError):
+                raise _os_error(root, "open", exc) from exc
+            raise
+
+    @classmethod
+    def _open_locked(cls, root: Path, lock: WriterLock, key_interval: int | None) -> "RunWriter":
+        check_no_symlinks(root)  # resizing deletes chunk files: never through a link out of the store
+        try:
+            group = zarr.open_group(store=str(root), mode="r+", use_consolidated=False)
+            attrs = dict(group.attrs)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise schema.StoreDamagedError(f"{root}: cannot read the store's metadata ({exc})") from exc
         if attrs.get("format") != schema.FORMAT_NAME:
             raise schema.NotARunError(f"{root} is not a compass-monitor run (format={attrs.get('format')!r})")
         if attrs.get("schema_version") != schema.SCHEMA_VERSION:
@@ -306,12 +436,16 @@ class RunWriter:
                 f"{root} uses run-store schema {attrs.get('schema_version')!r}; resuming needs schema "
                 f"{schema.SCHEMA_VERSION} (start a new run store)"
             )
-        commit = read_commit(root) or {}
+        commit = read_commit(root)
         stored_interval = int(attrs.get("storage", {}).get("key_interval", DEFAULT_KEY_INTERVAL))
         shapes = [tuple(p["shape"]) for p in attrs["params"]]
-        writer = cls(root, group, shapes, key_interval=key_interval or stored_interval)
+        writer = cls(root, group, shapes, key_interval=key_interval or stored_interval, lock=lock)
         writer._open_handles()
         writer._count = int(commit.get("snapshots", 0))
+        if writer._count > writer._capacity:
+            raise schema.StoreDamagedError(
+                f"{root / schema.COMMIT_FILE} says {writer._count} snapshots, but the arrays hold {writer._capacity} rows"
+            )
         writer._last_step = commit.get("last_step")
         writer._status = str(commit.get("status", "running"))
         writer._generation = int(commit.get("generation", 0))
@@ -337,6 +471,7 @@ class RunWriter:
         """
         if not 0 <= keep <= self._count:
             raise ValueError(f"cannot keep {keep} of {self._count} committed snapshots")
+        self._check_owner()
         from .reader import reconstruct_packed  # late: reader imports this module's helpers
 
         dropped = self._count - keep
@@ -381,6 +516,7 @@ class RunWriter:
 
     def append(self, record: SnapshotRecord) -> None:
         """Write one snapshot's arrays, then commit it (the commit file is written last)."""
+        self._check_owner()
         if self._last_step is not None and record.step <= self._last_step:
             raise schema.StoreError(f"snapshot steps must increase: got {record.step} after {self._last_step}")
         if len(record.packed) != len(self._shapes):
@@ -475,13 +611,29 @@ class RunWriter:
             "generation": self._generation,
             "key_interval": self.key_interval,
             "base_weights": self._base_weights,
-            "writer": {"pid": os.getpid(), "host": socket.gethostname()},
+            "writer": writer_identity(),
             "gaps": self._gaps,
             "history": self._history,
         }
 
     def _commit(self) -> None:
-        _write_json_atomic(self.path / schema.COMMIT_FILE, self._commit_payload())
+        self._check_owner()
+        write_commit(self.path, self._commit_payload())
+
+    def _check_owner(self) -> None:
+        """Refuse to write once another writer of this process took the store over."""
+        if self._lock is not None and self._lock.revoked:
+            self._lock.check()
+
+    def release(self) -> None:
+        """Give up the store's writer lock (after :meth:`finalize`, or to stop writing). Idempotent."""
+        if self._lock is not None and not self._lock.revoked:
+            self._lock.release()
+
+    @property
+    def owns_store(self) -> bool:
+        """Whether this writer still holds the store's lock (False once released or taken over)."""
+        return self._lock is not None and self._lock.held
 
     def heartbeat(self) -> None:
         """Rewrite the commit file with a fresh heartbeat (and any gaps noted since the last commit)."""
@@ -517,3 +669,4 @@ class RunWriter:
         self._status = status
         self._event(status, snapshots=self._count)
         self._commit()
+        self.release()

@@ -17,11 +17,8 @@ tested without a terminal:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from ..aggregates import jaccard, ratio
 from ..store import ParamInfo
-from ..store.schema import COMMIT_FILE, COUNT_FIELDS, COUNTS, REFERENCE_MASKS
+from ..store import commit as commit_protocol
+from ..store.schema import COUNT_FIELDS, COUNTS, REFERENCE_MASKS
 
 __all__ = [
     "TYPE_ORDER",
@@ -88,25 +87,12 @@ def read_rows(path: Path, name: str, start: int, stop: int) -> np.ndarray:
 
 
 def read_commit(path: Path) -> dict[str, Any]:
-    """The run's commit file, or an ``unknown`` status if it is missing or half-written."""
-    try:
-        with open(path / COMMIT_FILE, encoding="utf-8") as handle:
-            commit = json.load(handle)
-        if not isinstance(commit, dict):
-            raise ValueError("not an object")
-        return commit
-    except (OSError, ValueError):
-        return {"snapshots": 0, "last_step": None, "status": "unknown", "heartbeat": None}
+    """The run's commit file, or an ``unknown`` status if it is missing or damaged (``store.commit``)."""
+    return commit_protocol.read_commit(path, tolerant=True)
 
 
-def stale_threshold(times: np.ndarray, minimum: float) -> float:
-    """Heartbeat age after which a ``running`` run counts as stale: ``minimum``, or 3x its usual snapshot interval."""
-    if len(times) >= 3:
-        gaps = np.diff(times[-20:])
-        gaps = gaps[np.isfinite(gaps)]
-        if len(gaps):
-            return max(minimum, 3.0 * float(np.median(gaps)))
-    return minimum
+#: Heartbeat age after which a ``running`` run counts as stale: the store's one definition.
+stale_threshold = commit_protocol.stale_threshold
 
 
 @dataclass(frozen=True)
@@ -128,28 +114,15 @@ class RunStatus:
 
 def writer_gone(commit: dict[str, Any]) -> bool:
     """True if the commit names a writer process on this host that no longer exists (it crashed or was killed)."""
-    writer = commit.get("writer") or {}
-    if commit.get("status") != "running" or writer.get("host") != socket.gethostname() or not writer.get("pid"):
-        return False
-    try:
-        os.kill(int(writer["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OSError, ValueError):
-        return False
-    return False
+    return commit_protocol.writer_alive(commit) is False
 
 
 def live_status(commit_status: str, heartbeat: float | None, now: float, stale_after: float, *, writer_alive: bool = True) -> str:
     """For a running run: ``crashed`` (its writer process is gone), ``stale`` (old heartbeat) or ``live``;
-    else the commit's status (``finished``, ``disabled``, ``unknown``)."""
-    if commit_status == "running":
-        if not writer_alive:
-            return "crashed"
-        if heartbeat is not None and now - heartbeat > stale_after:
-            return "stale"
-        return "live"
-    return commit_status if commit_status in ("finished", "disabled") else "unknown"
+    else the commit's status (``finished``, ``disabled``, ``unknown``). ``store.commit.liveness`` decides."""
+    return commit_protocol.liveness(
+        {"status": commit_status, "heartbeat": heartbeat}, now=now, stale_after=stale_after, alive=writer_alive
+    )
 
 
 def describe_error(exc: BaseException) -> str:
@@ -258,10 +231,7 @@ class RunView:
 
     def overlap(self, which: int) -> np.ndarray:
         """(T, P) ``|X ∩ M| / |M|`` for X = principal (0), low (1), principal-not-low (2); NaN where |M| = 0."""
-        changed = self.counts[:, :, _CHANGED].astype(np.float64)
-        inter = self.counts[:, :, _INTERSECTIONS[which]]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(changed > 0, inter / np.where(changed > 0, changed, 1), np.nan)
+        return ratio(self.counts[:, :, _INTERSECTIONS[which]], self.counts[:, :, _CHANGED])
 
     @property
     def global_sparsity(self) -> np.ndarray:
@@ -465,12 +435,3 @@ def align_runs(a: RunView, b: RunView) -> Alignment:
         ia = ib = np.arange(t)
         common = a.steps[:t]
     return Alignment([i for i, _ in pairs], [j for _, j in pairs], ia, ib, common, by_step)
-
-
-def jaccard(mask_a: np.ndarray, mask_b: np.ndarray) -> tuple[float, float]:
-    """Jaccard index of two masks and its independent-Bernoulli baseline ``pq / (p + q - pq)``."""
-    union = np.count_nonzero(mask_a | mask_b)
-    inter = np.count_nonzero(mask_a & mask_b)
-    p, q = mask_a.mean(), mask_b.mean()
-    denominator = p + q - p * q
-    return (inter / union if union else float("nan"), float(p * q / denominator) if denominator > 0 else float("nan"))

@@ -72,14 +72,15 @@ def compare_details(a: RunView, b: RunView, ia: int, ib: int, ta: int, tb: int, 
     text = Text()
     text.append(a.params[ia].name + "\n", style="bold")
     text.append(f"step A {int(a.steps[ta])}  B {int(b.steps[tb])}\n\n", style="grey70")
-    text.append(f"{'':8}{'A':>7}{'B':>7}{'A-B':>7}\n", style="grey70")
+    text.append(f"{'':8}{'A':>7}{'B':>8}{'A-B':>8}\n", style="grey70")
     rows = [("changed", a.density[ta, ia], b.density[tb, ib], 3)]
     for j, name in enumerate(_MASK_LABELS):
         rows.append((_MASK_LABELS[name], a.overlap(j)[ta, ia], b.overlap(j)[tb, ib], 3))
     rows.append(("flips", a.flip_rate[ta, ia], b.flip_rate[tb, ib], 4))
     for label, x, y, digits in rows:
         text.append(f"{label:<8}", style="grey70")
-        text.append(f"{fmt(x, digits):>7}{fmt(y, digits):>7}{fmt(x - y, digits):>7}\n")
+        # One space at least between columns: ``-0.0014`` fills 7 characters (issue 16 item 8).
+        text.append(f"{fmt(x, digits):>7} {fmt(y, digits):>7} {fmt(x - y, digits):>7}\n")
     text.append("\nmask Jaccard |A∩B|/|A∪B|\n", style="grey70")
     if jaccard is None:
         text.append("computing...\n")

@@ -1,0 +1,62 @@
+"""Fused accelerator kernels for the monitor's hot path (the per-snapshot mask pass).
+
+:func:`fused_measure_range` is a drop-in for the torch branch of the probe's
+range measurement (``distributed._measure_range``): same inputs, same outputs,
+bit for bit, in one Triton kernel launch plus one memset per range instead of
+a dozen elementwise passes. :func:`fused_available` says whether it applies to
+a device: CUDA (or ROCm, which torch also calls ``cuda``) with Triton
+importable. Triton is imported only when the fused pass is used, so the core
+keeps working without it; CPU CI runs the same kernels in Triton's interpreter
+(``TRITON_INTERPRET=1``, ``tests/test_kernels_interpret.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+import torch
+
+__all__ = ["fused_available", "fused_mask_pass", "fused_measure_range"]
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fused_available(device: torch.device) -> bool:
+    """True when the fused mask pass can run on ``device``: a CUDA device and Triton installed."""
+    return device.type == "cuda" and torch.cuda.is_available() and _triton_importable()
+
+
+def __getattr__(name: str) -> Any:
+    # ``fused_mask_pass`` (documented in ``triton_mask``) imports triton on first use only.
+    if name == "fused_mask_pass":
+        from .triton_mask import fused_mask_pass
+
+        return fused_mask_pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fused_measure_range(state: Any, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch branch of ``distributed._measure_range`` as one fused pass.
+
+    Args:
+        state: a ``ShardState`` (``shard.local()`` gives the current 1-D values of
+            the range; ``start``, ``base_bits``, ``reference_packed``,
+            ``previous_packed`` as documented there).
+        shape: (m, n) of the whole matrix.
+
+    Returns:
+        counts (6,) int64, partial rows (touched rows) int32, columns (n,) int32 and the
+        aligned packed mask, on the base's device (the caller copies them to the host once).
+    """
+    values = state.shard.local()
+    base = state.base_bits
+    if values.device != base.device:
+        values = values.to(base.device)
+    from .triton_mask import fused_mask_pass  # imports triton
+
+    return fused_mask_pass(values, base, state.reference_packed, state.previous_packed, start=state.start, shape=shape)
