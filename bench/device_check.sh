@@ -25,7 +25,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
-# compass_monitor itself is installed from this checkout into the same target (--no-deps).
+# compass_monitor itself is copied from this checkout into the same target.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,8 +48,9 @@ if ! "$PY" -c 'import zarr, numcodecs' 2>/dev/null; then
     "$PY" -m pip install -q --target "$SITE" zarr numcodecs 2>&1 | tee -a "$LOG" || say "zarr/numcodecs missing and not installable: bring them in .whl/ (see the header)"
   fi
 fi
-# The package from this checkout (its integrations live in ./integrations, hence an install, not PYTHONPATH=.).
-"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" . 2>&1 | tail -3 | tee -a "$LOG"
+# The package from this checkout, laid out as installed (pyproject maps ./integrations to
+# compass_monitor.integrations): a copy, so no build backend is needed there.
+mkdir -p "$SITE" && rm -rf "$SITE/compass_monitor" && cp -r compass_monitor "$SITE/" && cp -r integrations "$SITE/compass_monitor/integrations"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 CARD=$("$PY" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-"))') || {

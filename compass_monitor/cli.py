@@ -93,6 +93,78 @@ def _add_tui_commands(sub: argparse._SubParsersAction) -> None:
     tui.add_argument("--replay", action="store_true", help="start in replay mode (like the replay command)")
 
 
+# -- diff: post hoc, a base and checkpoints become a run store (compass_monitor/checkpoints) ------------------
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoints import diff_checkpoints, discover_series, resolve_steps
+    from .checkpoints.table import table_row
+    from .config import MonitorConfig
+
+    logging.getLogger("compass_monitor.checkpoints").setLevel(logging.INFO)  # the per-checkpoint lines off a terminal
+    paths = [Path(p) for p in args.checkpoints]
+    if len(paths) == 1 and paths[0].is_dir() and not any(paths[0].glob("*.safetensors")) and not (paths[0] / "adapter_config.json").is_file():
+        paths = discover_series(paths[0])  # a run folder of checkpoint-N sub-folders
+    refs = resolve_steps(paths, args.steps)
+    include = {r.strip() for r in args.include.split(",") if r.strip()}
+    roles = {"linear", "embedding", "lm_head", "norm", "bias"}
+    if not include <= roles:
+        raise ValueError(f"--include takes roles from {sorted(roles)}, got {sorted(include - roles)}")
+    config = MonitorConfig(
+        every_n_steps=max(1, refs[0].step),
+        principal_rank=args.rank,
+        alpha=args.alpha,
+        include_linear="linear" in include,
+        include_embeddings="embedding" in include,
+        include_lm_head="lm_head" in include,
+        include_norms="norm" in include,
+        include_biases="bias" in include,
+        name_pattern=args.name_pattern,
+        snapshot_on_close=False,
+        spectral_every=1 if args.spectral else 0,
+        spectral_k=args.spectral_k,
+    )
+    try:
+        result = diff_checkpoints(args.base, refs, args.out, config=config, run_name=args.run_name,
+                                  progress=None if not args.no_progress else False, device=args.device)
+    except KeyboardInterrupt:
+        print(f"compass-monitor diff: interrupted; {args.out} keeps every committed snapshot", file=sys.stderr)
+        return 130
+    run = open_run(result.run_dir)
+    if len(refs) == 1:
+        print(table_row(run, spectral=args.spectral))
+    else:
+        print(summary_text(run))
+    print(f"run store: {result.run_dir} ({len(refs)} snapshot(s); open it with compass-monitor tui {result.run_dir})")
+    return 0
+
+
+def _add_diff_command(sub: argparse._SubParsersAction) -> None:
+    diff = sub.add_parser(
+        "diff",
+        help="post hoc: measure checkpoints against their base and write a run store (one snapshot per checkpoint)",
+        description="Compare a base model with one or more checkpoints (Hugging Face safetensors folders, sharded or "
+        "not, PEFT LoRA adapter folders, or model ids in the local HF cache) and write an ordinary run store with one "
+        "snapshot per checkpoint at its training step (from trainer_state.json, the checkpoint-N folder name, or "
+        "--steps). CKPT may also be a run folder of checkpoint-N sub-folders. For a single pair it prints the "
+        "Table-1 row. Pickle formats (.bin, .pt, DCP) are refused, never unpickled.",
+    )
+    diff.add_argument("base", metavar="BASE", help="the base model: folder, .safetensors file, or model id in the local HF cache")
+    diff.add_argument("checkpoints", metavar="CKPT", nargs="+", help="checkpoints in step order, or one run folder of checkpoint-N sub-folders")
+    diff.add_argument("--out", required=True, metavar="RUN_DIR", help="a new or empty folder for the run store")
+    diff.add_argument("--steps", type=int, nargs="+", metavar="N", help="the training step of each checkpoint (default: trainer_state.json or checkpoint-N)")
+    diff.add_argument("--spectral", action="store_true", help="also compute NSS, principal angles and top-k energy (Sec. 4.1; costly)")
+    diff.add_argument("--spectral-k", type=int, default=64, help="rank of the compared subspaces (default 64)")
+    diff.add_argument("--rank", type=int, default=64, help="k of the principal mask (default 64)")
+    diff.add_argument("--alpha", type=float, default=0.5, help="fraction in the principal and low masks (default 0.5)")
+    diff.add_argument("--include", default="linear", help="roles to monitor, comma-separated: linear,embedding,lm_head,norm,bias (default linear)")
+    diff.add_argument("--name-pattern", default=None, metavar="REGEX", help="only tensors whose name matches this regular expression")
+    diff.add_argument("--run-name", default=None, help="the run's label (default: the folder name)")
+    diff.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the probe runs (default auto: cuda when available)")
+    diff.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    diff.set_defaults(func=_cmd_diff)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compass-monitor",
@@ -134,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     _add_tui_commands(sub)
     _add_report_commands(sub)
+    _add_diff_command(sub)
     return parser
 
 

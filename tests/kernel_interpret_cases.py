@@ -218,3 +218,35 @@ def test_bad_arguments_name_the_problem(tm, kwargs, message):
     base = torch.zeros(16, dtype=torch.int16)
     with pytest.raises(ValueError, match=message):
         tm.fused_mask_pass(values, base, torch.zeros(3, 2, dtype=torch.uint8), torch.zeros(2, dtype=torch.uint8), **kwargs)
+
+
+def test_many_ranges_in_one_launch(tm, rng, monkeypatch):
+    """fused_mask_pass_many: mixed shapes, starts and dtypes; each range's outputs equal the numpy path's."""
+    monkeypatch.setattr(tm, "_TARGET_PROGRAMS", 2)  # several row tiles per program as well
+    monkeypatch.setattr(tm, "_MAX_ROW_STEPS", 2)
+    cases = [((17, 264), 0, 17 * 264), ((12, 24), 3 * 24 + 13, 5 * 24 - 2), ((9, 30), 37, 150), ((1, 40), 3, 30),
+             ((40, 16), 16 * 7, 16 * 20), ((6, 8), 0, 48)]  # fmt: skip
+    states, shapes = [], []
+    for k, (shape, start, numel) in enumerate(cases):
+        current, base = _drifted(numel, rng, torch.float32 if k % 2 else torch.bfloat16)
+        states.append(_state(current, base, start, rng))
+        shapes.append(shape)
+    got = tm.fused_mask_pass_many(
+        [(s.shard.local(), s.base_bits, s.reference_packed, s.previous_packed, s.start, shape) for s, shape in zip(states, shapes)]
+    )
+    assert len(got) == len(cases)
+    for state, shape, fused in zip(states, shapes, got):
+        _assert_equal(state, shape, fused)
+
+
+def test_fused_measure_ranges_equals_one_by_one(tm, rng):
+    shapes = [(9, 32), (5, 13), (7, 16)]
+    states = []
+    for m, n in shapes:
+        current, base = _drifted(m * n - 3, rng, torch.float32)
+        states.append(_state(current, base, 3, rng))
+    together = kernels.fused_measure_ranges(states, shapes)
+    for state, shape, got in zip(states, shapes, together):
+        for a, b in zip(got, kernels.fused_measure_range(state, shape)):
+            assert torch.equal(a, b)
+        _assert_equal(state, shape, got)

@@ -78,7 +78,11 @@ def _edge_values(numel: int, rng: np.random.Generator) -> torch.Tensor:
     """fp32 weights salted with +-0, subnormals, NaN, +-Inf, bf16 halfway points and the overflow to Inf."""
     w = rng.standard_normal(numel).astype(np.float32) * 0.02
     bits = w.view(np.uint32)
-    special = np.array([0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7FC00000, 0xFFC00001, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x3F808000, 0x3F818000, 0x3F807FFF], dtype=np.uint32)
+    special = np.array(
+        [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x7FC00000, 0xFFC00001, 0x7F800000, 0xFF800000, 0x7F7FFFFF,
+         0x3F808000, 0x3F818000, 0x3F807FFF],
+        dtype=np.uint32,
+    )  # fmt: skip
     where = rng.choice(numel, size=min(numel, 4 * special.size), replace=False)
     bits[where] = np.resize(special, where.size)
     halfway = rng.random(numel) < 0.01  # exactly halfway between bf16 neighbours
@@ -118,6 +122,25 @@ def test_fused_and_torch_branch_equal_numpy(rng, shape, start, numel, dtype):
             host_g = g.cpu().numpy() if isinstance(g, torch.Tensor) else g
             assert host_g.dtype == e.dtype, (backend, name)
             np.testing.assert_array_equal(host_g, e, err_msg=f"{backend} {name}")
+
+
+@pytest.mark.skipif(DRY_RUN, reason="the fused kernel runs on CUDA only (its CPU tests: test_kernels_interpret.py)")
+def test_many_ranges_in_one_launch_equal_numpy(rng):
+    from compass_monitor import kernels
+
+    host_states, shapes, expected = [], [], []
+    for shape, start, numel, dtype in CASES[1:2] + CASES[3:]:  # mixed dtypes, slices, mid-byte starts, odd widths
+        w0 = _edge_values(numel, rng)
+        base = canonical_bits(bf16_bits(w0).clone())
+        current = (w0 * torch.from_numpy(np.where(rng.random(numel) < 0.3, 1.01, 1.0).astype(np.float32))).to(dtype)
+        host = _range_state(current, base, start, rng)
+        host_states.append(host)
+        shapes.append(shape)
+        expected.append([np.asarray(x) for x in _measure_range(host, shape, backend="numpy")])
+    got = kernels.fused_measure_ranges([_to(s, DEVICE) for s in host_states], shapes)
+    for (shape, *_), want, result in zip(CASES[1:2] + CASES[3:], expected, got):
+        for name, g, e in zip(("counts", "rows", "cols", "packed"), result, want):
+            np.testing.assert_array_equal(g.cpu().numpy(), e, err_msg=f"{shape} {name}")
 
 
 @pytest.mark.skipif(DRY_RUN, reason="the fused kernel runs on CUDA only (its CPU tests: test_kernels_interpret.py)")

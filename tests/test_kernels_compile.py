@@ -46,6 +46,13 @@ def _variants():
             {"IS_FP32": is_fp32, "BM": tm._GRID_BM, "BN": tm._GRID_BN, "ROW_STEPS": tm._MAX_ROW_STEPS},
         )  # fmt: skip
         yield (
+            f"group-{'fp32' if is_fp32 else 'bf16'}",
+            tm._grid_group_kernel,
+            {"table_ptr": "*i64", "starts_ptr": "*i64", "G": "i32", "IS_FP32": "constexpr", "BM": "constexpr", "BN": "constexpr",
+             "ROW_STEPS": "constexpr", "SEARCH_STEPS": "constexpr"},
+            {"IS_FP32": is_fp32, "BM": tm._GRID_BM, "BN": tm._GRID_BN, "ROW_STEPS": tm._MAX_ROW_STEPS, "SEARCH_STEPS": 9},
+        )  # fmt: skip
+        yield (
             f"flat-{'fp32' if is_fp32 else 'bf16'}",
             tm._flat_kernel,
             {"cur_ptr": current, **POINTERS, "start": "i64", "numel": "i64", "n": "i32", "first_row": "i32", "nbytes": "i64",

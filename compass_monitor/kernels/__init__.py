@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["fused_available", "fused_mask_pass", "fused_measure_range"]
+__all__ = ["fused_available", "fused_mask_pass", "fused_mask_pass_many", "fused_measure_range", "fused_measure_ranges"]
 
 
 @functools.cache
@@ -32,11 +32,11 @@ def fused_available(device: torch.device) -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    # ``fused_mask_pass`` (documented in ``triton_mask``) imports triton on first use only.
-    if name == "fused_mask_pass":
-        from .triton_mask import fused_mask_pass
+    # ``fused_mask_pass`` and ``fused_mask_pass_many`` (documented in ``triton_mask``) import triton on first use.
+    if name in ("fused_mask_pass", "fused_mask_pass_many"):
+        from . import triton_mask
 
-        return fused_mask_pass
+        return getattr(triton_mask, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -60,3 +60,21 @@ def fused_measure_range(state: Any, shape: tuple[int, int]) -> tuple[torch.Tenso
     from .triton_mask import fused_mask_pass  # imports triton
 
     return fused_mask_pass(values, base, state.reference_packed, state.previous_packed, start=state.start, shape=shape)
+
+
+def fused_measure_ranges(states: list[Any], shapes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`fused_measure_range` of many ranges in one launch per weight dtype (``fused_mask_pass_many``).
+
+    For a probe that measures all its on-device ranges together: one kernel launch
+    for the whole snapshot instead of one per matrix, where the host's per-launch
+    cost would otherwise exceed the device time of small matrices.
+    """
+    from .triton_mask import fused_mask_pass_many  # imports triton
+
+    ranges = []
+    for state, shape in zip(states, shapes, strict=True):
+        values = state.shard.local()
+        if values.device != state.base_bits.device:
+            values = values.to(state.base_bits.device)
+        ranges.append((values, state.base_bits, state.reference_packed, state.previous_packed, state.start, shape))
+    return fused_mask_pass_many(ranges)

@@ -5,16 +5,19 @@ as ``Tensor.to(torch.bfloat16)`` does, or bf16 codes) and the canonical bf16
 base codes once, and writes the packed changed mask (``np.packbits`` order over
 the global flat index), the row and column change counts and the count fields
 (``schema.COUNT_FIELDS``). The semantics, bit for bit, are those of
-``matrix_probe.changed_np`` / ``counts_np`` and of ``distributed._measure_range``
-for a flat range ``[start, start + numel)`` of an ``(m, n)`` matrix.
+``matrix_probe.changed_np`` / ``counts_np`` and of the probe's range measurement
+(``_measure_range``) for a flat range ``[start, start + numel)`` of an ``(m, n)`` matrix.
 
-Two kernels:
+Kernels:
 
 * ``_grid_kernel`` when ``n`` is a multiple of 8 (every byte of the packed mask
   is 8 consecutive columns of one row, whatever ``start`` is: row-sharded
   slices and FSDP1 ranges that start mid-row or mid-byte alike): 2-D tiles, row
   and column sums and counts reduced in registers, one atomic add per row /
   column / count field per program (rows: per row tile).
+* ``_grid_group_kernel``: the same programs for many ranges in one launch
+  (``fused_mask_pass_many``), each program finding its range in a device table
+  of pointers and sizes; the host's cost per launch then stops mattering.
 * ``_flat_kernel`` otherwise (odd widths): 1-D tiles of whole bytes; row and
   column sums by atomic adds of the changed elements only.
 
@@ -25,11 +28,15 @@ only when the fused pass is used.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fused_mask_pass"]
+__all__ = ["fused_mask_pass", "fused_mask_pass_many"]
 
 # Tile shapes (elements). BN is a multiple of 8: whole packed bytes per tile row.
 _GRID_BM = 8
@@ -102,17 +109,16 @@ def _add_counts(counts_ptr, totals):
 
 
 @triton.jit
-def _grid_kernel(
+def _grid_program(
     cur_ptr, base_ptr, ref_ptr, prev_ptr, packed_ptr, rows_ptr, cols_ptr, counts_ptr,
-    numel, n, nrows, lead, nbytes,
+    numel, n, nrows, lead, nbytes, pid_m, pid_n,
     IS_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ROW_STEPS: tl.constexpr,
 ):  # fmt: skip
     # Touched rows form an (nrows, n) grid; local element = row * n + col - lead. With n % 8 == 0
     # every packed byte is 8 consecutive columns of one row, whatever start is.
-    pid_m = tl.program_id(0)
-    col = tl.program_id(1) * BN + tl.arange(0, BN)
+    col = pid_n * BN + tl.arange(0, BN)
     col_ok = col < n
-    byte_col = tl.program_id(1) * BN + 8 * tl.arange(0, BN // 8)
+    byte_col = pid_n * BN + 8 * tl.arange(0, BN // 8)
     shifts = 7 - tl.arange(0, 8)
     col_sum = tl.zeros([BN], dtype=tl.int32)
     totals = tl.zeros([8], dtype=tl.int32)  # at most ROW_STEPS * BM * BN < 2^31 per field
@@ -142,6 +148,52 @@ def _grid_kernel(
 
 
 @triton.jit
+def _grid_kernel(
+    cur_ptr, base_ptr, ref_ptr, prev_ptr, packed_ptr, rows_ptr, cols_ptr, counts_ptr,
+    numel, n, nrows, lead, nbytes,
+    IS_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ROW_STEPS: tl.constexpr,
+):  # fmt: skip
+    _grid_program(
+        cur_ptr, base_ptr, ref_ptr, prev_ptr, packed_ptr, rows_ptr, cols_ptr, counts_ptr,
+        numel, n, nrows, lead, nbytes, tl.program_id(0), tl.program_id(1), IS_FP32, BM, BN, ROW_STEPS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _grid_group_kernel(table_ptr, starts_ptr, G, IS_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       ROW_STEPS: tl.constexpr, SEARCH_STEPS: tl.constexpr):  # fmt: skip
+    """Many ranges in one launch: row g of the table holds range g's pointers and sizes (_TABLE_FIELDS)."""
+    pid = tl.program_id(0)
+    # The range this program works on: starts[g] <= pid < starts[g + 1] (binary search, fixed steps).
+    lo = pid * 0
+    hi = lo + G
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(starts_ptr + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    entry = table_ptr + lo.to(tl.int64) * 16
+    if IS_FP32:
+        cur_ptr = tl.load(entry).to(tl.pointer_type(tl.int32))
+    else:
+        cur_ptr = tl.load(entry).to(tl.pointer_type(tl.int16))
+    local = pid - tl.load(starts_ptr + lo)
+    tiles_n = tl.load(entry + 13)
+    _grid_program(
+        cur_ptr,
+        tl.load(entry + 1).to(tl.pointer_type(tl.int16)),
+        tl.load(entry + 2).to(tl.pointer_type(tl.uint8)),
+        tl.load(entry + 3).to(tl.pointer_type(tl.uint8)),
+        tl.load(entry + 4).to(tl.pointer_type(tl.uint8)),
+        tl.load(entry + 5).to(tl.pointer_type(tl.int32)),
+        tl.load(entry + 6).to(tl.pointer_type(tl.int32)),
+        tl.load(entry + 7).to(tl.pointer_type(tl.int64)),
+        tl.load(entry + 8), tl.load(entry + 9), tl.load(entry + 10), tl.load(entry + 11), tl.load(entry + 12),
+        local // tiles_n, local % tiles_n, IS_FP32, BM, BN, ROW_STEPS,
+    )  # fmt: skip
+
+
+@triton.jit
 def _flat_kernel(
     cur_ptr, base_ptr, ref_ptr, prev_ptr, packed_ptr, rows_ptr, cols_ptr, counts_ptr,
     start, numel, n, first_row, nbytes,
@@ -166,6 +218,11 @@ def _flat_kernel(
     ones = tl.full(changed.shape, 1, tl.int32)
     tl.atomic_add(rows_ptr + (flat // n - first_row), ones, mask=hit)
     tl.atomic_add(cols_ptr + flat % n, ones, mask=hit)
+
+
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: called from the host it goes through the JIT machinery (~10 us a call).
+    return -(-a // b)
 
 
 def _codes_operand(values: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -214,6 +271,103 @@ def fused_mask_pass(
     Raises:
         ValueError: inconsistent sizes, dtypes or devices.
     """
+    r = _prepare(values, base_bits, reference_packed, previous_packed, start, shape)
+    # One zeroed buffer for the three accumulated outputs: one memset per range.
+    acc = torch.zeros(12 + r.nrows + r.n, dtype=torch.int32, device=r.device)
+    counts, rows, cols = acc[:12].view(torch.int64), acc[12 : 12 + r.nrows], acc[12 + r.nrows :]
+    packed = torch.empty(r.nbytes, dtype=torch.uint8, device=r.device)
+    operands = (r.current, r.base, r.ref, r.prev, packed, rows, cols, counts)
+    if r.n % 8 == 0:
+        tiles_m, tiles_n = _cdiv(r.nrows, _GRID_BM), _cdiv(r.n, _GRID_BN)
+        steps = _row_steps(tiles_m * tiles_n)
+        _grid_kernel[(_cdiv(tiles_m, steps), tiles_n)](
+            *operands, r.numel, r.n, r.nrows, r.lead, r.nbytes,
+            IS_FP32=r.is_fp32, BM=_GRID_BM, BN=_GRID_BN, ROW_STEPS=steps,
+        )  # fmt: skip
+    else:
+        grid = (_cdiv(r.nbytes, _FLAT_BYTES),)
+        _flat_kernel[grid](*operands, r.start, r.numel, r.n, r.first_row, r.nbytes, IS_FP32=r.is_fp32, BYTES=_FLAT_BYTES)
+    return counts, rows, cols, packed
+
+
+def fused_mask_pass_many(
+    ranges: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, tuple[int, int]]],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`fused_mask_pass` of many ranges, one launch per device and weight dtype.
+
+    Args:
+        ranges: ``(values, base_bits, reference_packed, previous_packed, start, shape)``
+            per range, as :func:`fused_mask_pass` takes them.
+
+    Returns:
+        Per range, in order, what :func:`fused_mask_pass` returns (views into one
+        buffer per launch). Ranges of a width that is not a multiple of 8 are
+        launched one by one. The launch reads a table of pointers and sizes that
+        is copied to the device without a host sync (pinned memory).
+
+    Raises:
+        ValueError: as :func:`fused_mask_pass`.
+    """
+    prepared = [_prepare(*r) for r in ranges]
+    out: list[Any] = [None] * len(prepared)
+    groups: dict[tuple[torch.device, bool], list[int]] = {}
+    for i, r in enumerate(prepared):
+        if r.n % 8:
+            out[i] = fused_mask_pass(*ranges[i][:4], start=r.start, shape=ranges[i][5])
+        else:
+            groups.setdefault((r.device, r.is_fp32), []).append(i)
+    for (device, is_fp32), members in groups.items():
+        items = [prepared[i] for i in members]
+        sizes = [12 + r.nrows + r.n + (r.nrows + r.n) % 2 for r in items]  # even: each count block 8-byte aligned
+        acc = torch.zeros(sum(sizes), dtype=torch.int32, device=device)
+        packed = torch.empty(sum(r.nbytes for r in items), dtype=torch.uint8, device=device)
+        tiles = [(_cdiv(r.nrows, _GRID_BM), _cdiv(r.n, _GRID_BN)) for r in items]
+        steps = _row_steps(sum(tm * tn for tm, tn in tiles))
+        table: list[int] = []
+        starts = [0]
+        a_off = p_off = 0
+        for i, r, (tiles_m, tiles_n), size in zip(members, items, tiles, sizes):
+            block = acc[a_off : a_off + size]
+            counts, rows, cols = block[:12].view(torch.int64), block[12 : 12 + r.nrows], block[12 + r.nrows : 12 + r.nrows + r.n]
+            mask = packed[p_off : p_off + r.nbytes]
+            out[i] = (counts, rows, cols, mask)
+            a_off += size
+            p_off += r.nbytes
+            pointers = (r.current, r.base, r.ref, r.prev, mask, rows, cols, counts)
+            table += [t.data_ptr() for t in pointers] + [r.numel, r.n, r.nrows, r.lead, r.nbytes, tiles_n, 0, 0]
+            starts.append(starts[-1] + _cdiv(tiles_m, steps) * tiles_n)
+        host = torch.tensor(table + starts, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        # The items' tensors stay referenced (out, prepared) until after the launch is queued.
+        table_t = host.to(device, non_blocking=True)
+        _grid_group_kernel[(starts[-1],)](
+            table_t, table_t[len(table) :], len(items),
+            IS_FP32=is_fp32, BM=_GRID_BM, BN=_GRID_BN, ROW_STEPS=steps, SEARCH_STEPS=len(items).bit_length(),
+        )  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class _Range:
+    """A range's operands as the kernels read them, checked."""
+
+    device: torch.device
+    current: torch.Tensor  # fp32 bits (int32) or bf16 codes (int16), contiguous
+    is_fp32: bool
+    base: torch.Tensor
+    ref: torch.Tensor
+    prev: torch.Tensor
+    start: int
+    numel: int
+    n: int
+    first_row: int
+    nrows: int
+    lead: int  # start - first_row * n
+    nbytes: int
+
+
+def _prepare(values, base_bits, reference_packed, previous_packed, start: int, shape: tuple[int, int]) -> _Range:
     m, n = shape
     numel = base_bits.numel()
     device = base_bits.device
@@ -232,28 +386,17 @@ def fused_mask_pass(
     if values.device != device or reference_packed.device != device or previous_packed.device != device:
         raise ValueError(f"values and masks must be on the base's device {device}")
     current, is_fp32 = _codes_operand(values)
-    base = base_bits.reshape(-1).contiguous()
-    ref = reference_packed.contiguous()
-    prev = previous_packed.contiguous()
     first_row = start // n
-    nrows = (start + numel - 1) // n - first_row + 1
-    # One zeroed buffer for the three accumulated outputs: one memset per range.
-    acc = torch.zeros(12 + nrows + n, dtype=torch.int32, device=device)
-    counts, rows, cols = acc[:12].view(torch.int64), acc[12 : 12 + nrows], acc[12 + nrows :]
-    packed = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    operands = (current, base, ref, prev, packed, rows, cols, counts)
-    if n % 8 == 0:
-        tiles_m = triton.cdiv(nrows, _GRID_BM)
-        tiles_n = triton.cdiv(n, _GRID_BN)
-        steps = 1
-        while steps < _MAX_ROW_STEPS and triton.cdiv(tiles_m, 2 * steps) * tiles_n >= _TARGET_PROGRAMS:
-            steps *= 2
-        grid = (triton.cdiv(tiles_m, steps), tiles_n)
-        _grid_kernel[grid](
-            *operands, numel, n, nrows, start - first_row * n, nbytes,
-            IS_FP32=is_fp32, BM=_GRID_BM, BN=_GRID_BN, ROW_STEPS=steps,
-        )  # fmt: skip
-    else:
-        grid = (triton.cdiv(nbytes, _FLAT_BYTES),)
-        _flat_kernel[grid](*operands, start, numel, n, first_row, nbytes, IS_FP32=is_fp32, BYTES=_FLAT_BYTES)
-    return counts, rows, cols, packed
+    return _Range(
+        device=device, current=current, is_fp32=is_fp32, base=base_bits.reshape(-1).contiguous(),
+        ref=reference_packed.contiguous(), prev=previous_packed.contiguous(), start=start, numel=numel, n=n,
+        first_row=first_row, nrows=(start + numel - 1) // n - first_row + 1, lead=start - first_row * n, nbytes=nbytes,
+    )  # fmt: skip
+
+
+def _row_steps(tiles: int) -> int:
+    """Row tiles per program: more per program (fewer atomics) while the launch keeps _TARGET_PROGRAMS programs."""
+    steps = 1
+    while steps < _MAX_ROW_STEPS and tiles // (2 * steps) >= _TARGET_PROGRAMS:
+        steps *= 2
+    return steps

@@ -1,0 +1,173 @@
+"""Tensor-by-tensor, memory-mapped reading of Hugging Face safetensors checkpoints.
+
+A checkpoint folder holds either one ``model.safetensors`` (or any single
+``*.safetensors`` file), or shards listed by ``model.safetensors.index.json``
+(``{"weight_map": {tensor name: shard file}}``, as ``save_pretrained`` writes
+with ``max_shard_size``). Each file is opened once with
+``safetensors.safe_open(..., framework="pt")``, which memory-maps it and reads
+only the header up front; :meth:`SafetensorsSource.load` then materialises one
+tensor, so reading a model costs the memory of its largest tensor, not of the
+model. Shapes and dtypes come from the headers without reading any data.
+
+Pickle formats (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) and
+torch.distributed.checkpoint folders (``.metadata`` + ``*.distcp``) are refused
+with a message saying how to convert them: compass-monitor never unpickles a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, UnsupportedFormatError
+
+__all__ = ["SafetensorsSource", "refuse_pickle", "read_json", "INDEX_NAME"]
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_CONVERT = (
+    "convert it to safetensors first, from a trusted copy: python -c \"from transformers import AutoModelForCausalLM as M; "
+    "M.from_pretrained('IN').save_pretrained('OUT')\" (save_pretrained writes safetensors)"
+)
+_VERL = (
+    "merge it into a Hugging Face safetensors folder with verl's model merger: "
+    "python -m verl.model_merger merge --backend fsdp --local_dir {path} --target_dir {path}_hf"
+)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a clear error when it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return value
+
+
+def refuse_pickle(folder: Path) -> None:
+    """Raise :class:`UnsupportedFormatError` naming the pickle or DCP files in ``folder`` and how to convert them.
+
+    Called when a folder holds no safetensors. Nothing is opened.
+    """
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if (folder / ".metadata").is_file() or any(name.endswith(".distcp") for name in files):
+        raise UnsupportedFormatError(
+            f"{folder} is a torch.distributed.checkpoint (DCP) folder (.metadata, *.distcp), which holds pickled data; "
+            f"compass-monitor never unpickles files. For a verl checkpoint, {_VERL.format(path=folder)}; otherwise "
+            "torch.distributed.checkpoint.format_utils.dcp_to_torch_save on a trusted copy, then load and save_pretrained it"
+        )
+    pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
+    if any(name.startswith("model_world_size_") for name in pickles):
+        raise UnsupportedFormatError(
+            f"{folder} is a verl FSDP checkpoint ({pickles[0]}, pickled); compass-monitor never unpickles files: "
+            + _VERL.format(path=folder)
+        )
+    if pickles:
+        raise UnsupportedFormatError(
+            f"{folder} holds pickled weights ({', '.join(pickles[:3])}); compass-monitor never unpickles files: {_CONVERT}"
+        )
+    raise CheckpointError(
+        f"{folder} holds no weights compass-monitor can read (no *.safetensors, no {INDEX_NAME}, no adapter_config.json); "
+        "give a Hugging Face model folder saved with save_pretrained"
+    )
+
+
+class SafetensorsSource:
+    """The tensors of one safetensors checkpoint (a file, or a folder of one file or of indexed shards).
+
+    Args:
+        path: a ``*.safetensors`` file or a folder holding them.
+
+    Raises:
+        UnsupportedFormatError: the folder holds only pickle or DCP files.
+        CheckpointError: no weights, an index naming a missing shard, or a tensor in two files.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if self.path.is_file():
+            files = [self.path]
+            folder = self.path.parent
+        elif self.path.is_dir():
+            folder = self.path
+            files = self._files(folder)
+        else:
+            raise CheckpointError(f"checkpoint {self.path} does not exist")
+        self.folder = folder
+        self.files = files
+        self._handles = []
+        self._where: dict[str, Any] = {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as exc:  # safetensors raises its own SafetensorError for a bad header
+                raise CheckpointError(f"cannot read {file} as safetensors: {exc}") from exc
+            self._handles.append(handle)
+            for name in handle.keys():
+                if name in self._where:
+                    raise CheckpointError(f"tensor {name!r} is stored twice in {folder} ({file.name} and another file)")
+                self._where[name] = handle
+        config_path = folder / "config.json"
+        self.config: dict[str, Any] = read_json(config_path) if config_path.is_file() else {}
+
+    @staticmethod
+    def _files(folder: Path) -> list[Path]:
+        index = folder / INDEX_NAME
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no weight_map; it is not a safetensors index")
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing[:5])} ({len(missing)}); copy them or re-save the model")
+            return [folder / n for n in names]
+        files = sorted(p for p in folder.glob("*.safetensors") if p.name != "adapter_model.safetensors")
+        if not files:
+            refuse_pickle(folder)
+        return files
+
+    def names(self) -> list[str]:
+        """Every tensor name, in the files' order."""
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file header (no data read)."""
+        return tuple(int(d) for d in self._where[name].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The tensor's safetensors dtype name (``BF16``, ``F16``, ``F32``, ...), from the header."""
+        return str(self._where[name].get_slice(name).get_dtype())
+
+    def load(self, name: str) -> torch.Tensor:
+        """The tensor as stored (its dtype), read from the memory-mapped file."""
+        return self._where[name].get_tensor(name)
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        return tuple(self.config.get("architectures") or ())
+
+    def close(self) -> None:
+        """Drop the file handles (the memory maps close with them)."""
+        self._handles.clear()
+        self._where.clear()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsSource({str(self.path)!r}, {len(self._where)} tensors in {len(self.files)} file(s))"

@@ -1,0 +1,107 @@
+"""The post-hoc driver on tiny real architectures: bounded memory, sharded bf16, PEFT, fp16, exact counts."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from compass_monitor.checkpoints import diff_checkpoints, resolve_steps  # noqa: E402
+from compass_monitor.checkpoints import layout as layout_module  # noqa: E402
+from compass_monitor.config import MonitorConfig  # noqa: E402
+from compass_monitor.store import open_run  # noqa: E402
+
+CONFIG = MonitorConfig(principal_rank=2, snapshot_on_close=False)
+
+
+def tiny_qwen2(seed: int, dtype: torch.dtype):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.Qwen2ForCausalLM(config).to(dtype).eval()
+
+
+def perturb(model, scale: float, seed: int):
+    """Every 2-D weight moved by ``scale`` * N(0, 1) on a random half of its entries (in place, in its dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                keep = torch.rand(p.shape, generator=gen) < 0.5
+                p.add_((scale * torch.randn(p.shape, generator=gen) * keep).to(p.dtype))
+    return model
+
+
+def exact_changed(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Float64-free reference: bf16 roundings differ, +0 == -0 (Def. 2.1)."""
+    x, y = a.to(torch.bfloat16).view(torch.int16).to(torch.int32), b.to(torch.bfloat16).view(torch.int16).to(torch.int32)
+    return int(((x != y) & (((x | y) & 0x7FFF) != 0)).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_counts_equal_an_independent_comparison_sharded(tmp_path, dtype, caplog):
+    base = tiny_qwen2(0, dtype)
+    base.save_pretrained(tmp_path / "base", max_shard_size="10KB")
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    for step in (5, 10):
+        perturb(base, 3e-3, step).save_pretrained(tmp_path / f"checkpoint-{step}", max_shard_size="10KB")
+        if step == 5:
+            mid = {k: v.clone() for k, v in base.state_dict().items()}
+    assert (tmp_path / "checkpoint-10" / "model.safetensors.index.json").is_file()
+    refs = resolve_steps([tmp_path / "checkpoint-5", tmp_path / "checkpoint-10"])
+    with caplog.at_level(logging.WARNING):
+        result = diff_checkpoints(tmp_path / "base", refs, tmp_path / "run", config=CONFIG, progress=False, device="cpu")
+    assert ("fp16 tensors are rounded to bf16" in caplog.text) == (dtype == torch.float16)
+    run = open_run(tmp_path / "run")
+    assert list(run.steps) == [5, 10] and run.attrs["run"]["model_class"] == "Qwen2ForCausalLM"
+    final = base.state_dict()
+    for p in run.params:
+        assert p.role == "linear"
+        assert run.counts[0, p.index, 0] == exact_changed(base_state[p.name], mid[p.name])
+        assert run.counts[1, p.index, 0] == exact_changed(base_state[p.name], final[p.name])
+        np.testing.assert_array_equal(run.base_codes(p).reshape(p.shape), base_state[p.name].to(torch.bfloat16).view(torch.int16).numpy())
+    assert {p.module_type for p in run.params} == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert len(result.specs) == 14
+
+
+def test_at_most_two_checkpoint_matrices_are_alive_at_a_time(tmp_path, monkeypatch):
+    """Peak memory is set by the largest matrix: of 14 matrices, at most the one measured and the next read are alive."""
+    base = tiny_qwen2(0, torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    perturb(base, 3e-3, 1).save_pretrained(tmp_path / "checkpoint-1")
+    alive: list[weakref.ref] = []
+    most = [0]
+    real_load = layout_module.CheckpointCursor.load
+
+    def load(self, name):
+        gc.collect()
+        alive[:] = [r for r in alive if r() is not None]
+        most[0] = max(most[0], len(alive) + 1)
+        tensor = real_load(self, name)
+        alive.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(layout_module.CheckpointCursor, "load", load)
+    diff_checkpoints(tmp_path / "base", resolve_steps([tmp_path / "checkpoint-1"]), tmp_path / "run", config=CONFIG, progress=False, device="cpu")
+    assert most[0] <= 2
+
+
+def test_a_lora_adapter_folder_is_measured_as_its_merged_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    tiny_qwen2(3, torch.bfloat16).save_pretrained(tmp_path / "base")
+    wrapped = peft.get_peft_model(tiny_qwen2(3, torch.bfloat16), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], init_lora_weights=False))
+    wrapped.save_pretrained(tmp_path / "adapter")
+    merged = wrapped.merge_and_unload().state_dict()
+    base = tiny_qwen2(3, torch.bfloat16).state_dict()
+    diff_checkpoints(tmp_path / "base", resolve_steps([tmp_path / "adapter"], [50]), tmp_path / "run", config=CONFIG, progress=False, device="cpu")
+    run = open_run(tmp_path / "run")
+    for p in run.params:
+        expected = exact_changed(base[p.name], merged[p.name])
+        assert run.counts[0, p.index, 0] == expected
+        assert (expected > 0) == (p.module_type in ("q", "up"))
