@@ -139,9 +139,59 @@ class CompassMonitor:
         self.config = config or MonitorConfig()
         # Every matrix is read through its canonical (out, in) view (compass_monitor.selection).
         selection = select_matrices(model, self.config, optimizer=optimizer)
-        self.specs: list[ParamSpec] = [m.spec for m in selection.matrices]
-        self._views = [m.matrix for m in selection.matrices]
-        self._selection_facts = selection.facts
+        views = [m.matrix for m in selection.matrices]
+        self._start([m.spec for m in selection.matrices], views, selection.facts, run_dir, run_name=run_name,
+                    metadata=metadata, model_class=type(model).__name__, resume=resume, resume_step=resume_step)  # fmt: skip
+
+    @classmethod
+    def from_layout(
+        cls,
+        layout: Any,
+        run_dir: str | os.PathLike[str],
+        *,
+        config: MonitorConfig | None = None,
+        run_name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        model_class: str = "",
+        resume: bool = False,
+        resume_step: int | None = None,
+    ) -> "CompassMonitor":
+        """A monitor over a :class:`~compass_monitor.sharding.ShardLayout` of whole matrices on one process
+        (e.g. checkpoint tensors loaded lazily by ``values()``); the rest as for the constructor.
+
+        Raises:
+            ShardingError: a layout whose matrices are split across ranks (use the model-taking constructor).
+        """
+        from .sharding import ShardingError
+
+        if layout.distributed or any(not shard.is_whole for shard in layout.shards):
+            raise ShardingError(f"from_layout takes whole matrices on one process; this layout is {layout.kind!r}")
+        monitor = super().__new__(CompassMonitor)
+        if resume:
+            config = resume_config(run_dir, config)
+        monitor.config = config or MonitorConfig()
+        views = [lambda shard=shard: shard.values().reshape(shard.spec.shape) for shard in layout.shards]
+        monitor._start(layout.specs, views, dict(layout.facts), run_dir, run_name=run_name, metadata=metadata,
+                       model_class=model_class, resume=resume, resume_step=resume_step)  # fmt: skip
+        return monitor
+
+    def _start(
+        self,
+        specs: list[ParamSpec],
+        views: list[Callable[[], torch.Tensor]],
+        facts: dict[str, Any],
+        run_dir: str | os.PathLike[str],
+        *,
+        run_name: str | None,
+        metadata: dict[str, Any] | None,
+        model_class: str,
+        resume: bool,
+        resume_step: int | None,
+    ) -> None:
+        """Take the base and create the store, or continue it (``resume``); ``views`` return each matrix now."""
+        self.specs: list[ParamSpec] = specs
+        self._views = views
+        self._selection_facts = facts
         self._init_state()
         if resume:
             self._resume(run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
@@ -150,7 +200,7 @@ class CompassMonitor:
 
         self._states, class_counts, fingerprints = self._capture_base()
         self._class_counts = class_counts
-        attributes = self._store_attributes(run_dir, run_name, metadata, model_class=type(model).__name__, selection=self._selection_facts)
+        attributes = self._store_attributes(run_dir, run_name, metadata, model_class=model_class, selection=self._selection_facts)
         store = RunWriter.create(run_dir, params=self.specs, attributes=attributes, key_interval=self.config.key_interval)
         self.writer = self._start_writer(store)
         # The base goes through the writer thread too (compressing W0 takes a while);
