@@ -109,7 +109,7 @@ def _measure(rank: int, world: int, args: dict, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     monitor = CompassMonitor(model, out_dir / "run", config=config)
     base_seconds = time.perf_counter() - t0
-    comm = monitor.core.comm
+    comm = monitor.probe.comm
     base_records = [(r.phase, r.op, r.dtype, r.nbytes) for r in comm.records]
     gen = torch.Generator().manual_seed(rank)
     times = []
@@ -127,7 +127,7 @@ def _measure(rank: int, world: int, args: dict, out_dir: Path) -> dict:
         snapshot_records = [(r.op, r.dtype, r.nbytes) for r in comm.records]
     monitor.close()
     assert monitor.disabled_reason is None, monitor.disabled_reason
-    states = monitor.core.states
+    states = monitor.probe.states
     local_numel = sum(s.numel for s in states)
     return {
         "rank": rank,
@@ -174,7 +174,7 @@ def run_world(world: int, args: dict) -> list[dict]:
 
     import torch.multiprocessing as mp
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.fsdp", "zarr", "compass_monitor.sharded_monitor"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.fsdp", "zarr", "compass_monitor.monitor"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -54,7 +54,7 @@ import torch
 
 from compass_monitor.bf16 import changed_from_bits
 from compass_monitor.bitpack import pack_bits
-from compass_monitor.distributed import _measure_range
+from compass_monitor.matrix_probe import measure_range as _measure_range
 from compass_monitor.matrix_probe import counts_torch
 
 from bench_spectral import cpu_model

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from compass_monitor import CompassMonitor, MonitorConfig
-from compass_monitor.matrix_probe import measure
+from compass_monitor.matrix_probe import measure_range
 
 HIDDEN, INTERMEDIATE, KV = 896, 4864, 128
 
@@ -69,14 +69,14 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="compass-bench-"))
     try:
         monitor = CompassMonitor(model, workdir / "run", config=MonitorConfig(every_n_steps=1))
-        params = monitor._params  # the monitored tensors, in store order
+        params = [shard.values() for shard in monitor.probe.layout.shards]  # the monitored tensors (flat views), in store order
         # Drift 30% of the weights by one bf16 ulp-ish relative step, as a training step would.
         with torch.no_grad():
             for p in params:
                 drift = (torch.rand_like(p, dtype=torch.float32) < 0.3) * p.float() * 0.01
                 p.add_(drift.to(p.dtype))
         numel = sum(p.numel() for p in params)
-        base_np = [s.base_bits.numpy() for s in monitor._states]
+        base_np = [s.base_bits.numpy() for s in monitor.probe.states]
         cur_np = [p.detach().to(torch.bfloat16).view(torch.int16).numpy() for p in params]
 
         def numpy_floor() -> None:
@@ -84,8 +84,8 @@ def main() -> None:
                 np.not_equal(b, c)
 
         def ours_compute() -> None:
-            for state, p in zip(monitor._states, params):
-                measure(state, p)
+            for state in monitor.probe.states:
+                measure_range(state, state.shard.spec.shape)
 
         step = [0]
 

@@ -171,11 +171,9 @@ def bench_stream(kind: str, args, workdir: Path) -> dict:
     from compass_monitor.store import RunWriter, codec, open_run, schema
     from compass_monitor.store.writer import SnapshotRecord
 
-    class Spec:
-        def __init__(self, name, module_type, layer, shape):
-            self.name, self.role, self.module_type, self.layer, self.shape = name, "linear", module_type, layer, shape
+    from compass_monitor.matrix_spec import MatrixSpec
 
-    specs = [Spec(f"model.layers.{l}.{t}_proj.weight", t, l, s) for l in range(args.layers) for t, s in LAYER]
+    specs = [MatrixSpec(f"model.layers.{l}.{t}_proj.weight", "linear", t, l, s) for l in range(args.layers) for t, s in LAYER]
     rng = np.random.default_rng(args.seed + (kind == "structured"))
     streams = [MatrixStream(s.shape, rng, kind == "structured") for s in specs]
     numel = np.array([s.numel for s in streams])

@@ -2,7 +2,7 @@
 
 The core (this package, without ``integrations`` and ``tui``) imports no
 training framework and no Textual. The classes that need torch
-(``CompassMonitor``, ``ParamSpec``, ``SelectionError``) are imported on first
+(``CompassMonitor``, ``ParamSpec``, ``SelectionError``, the sharding types) are imported on first
 use, so that readers of a run store (the CLI's ``summary``/``inspect``, the
 TUI) start without loading torch.
 """
@@ -15,24 +15,40 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from .config import ConfigError, MonitorConfig
-from .store import NotARunError, ParamInfo, Run, SchemaVersionError, StoreError, StoreExistsError, open_run
+from .matrix_spec import MatrixSpec
+from .store import NotARunError, ParamInfo, ResumeError, Run, SchemaVersionError, StoreError, StoreExistsError, open_run
 
 if TYPE_CHECKING:
     from .monitor import CompassMonitor
     from .selection import ParamSpec, SelectionError
+    from .sharding import LocalShard, ShapeChangedError, ShardingError, ShardLayout
 
-_LAZY = {"CompassMonitor": ".monitor", "ParamSpec": ".selection", "SelectionError": ".selection"}
+_LAZY = {
+    "CompassMonitor": ".monitor",
+    "ParamSpec": ".selection",
+    "SelectionError": ".selection",
+    "LocalShard": ".sharding",
+    "ShardLayout": ".sharding",
+    "ShardingError": ".sharding",
+    "ShapeChangedError": ".sharding",
+}
 
 __all__ = [
     "CompassMonitor",
     "ConfigError",
+    "LocalShard",
+    "MatrixSpec",
     "MonitorConfig",
     "NotARunError",
     "ParamInfo",
     "ParamSpec",
+    "ResumeError",
     "Run",
     "SchemaVersionError",
     "SelectionError",
+    "ShapeChangedError",
+    "ShardLayout",
+    "ShardingError",
     "StoreError",
     "StoreExistsError",
     "__version__",

@@ -25,12 +25,14 @@ import numpy as np
 
 from .store import Run, ParamInfo
 from .store.schema import COUNT_FIELDS, REFERENCE_MASKS
+from .vocabulary import INTERSECTION_FIELDS as _INTERSECTION_FIELDS
 
 __all__ = [
     "GroupStats",
     "aggregate_counts",
     "group_stats",
     "scalars",
+    "spectral_scalars",
     "by_module_type",
     "by_role",
     "by_layer",
@@ -42,8 +44,6 @@ __all__ = [
     "pooled_independent_jaccard",
     "consensus_distribution",
 ]
-
-_INTERSECTION_FIELDS = ("changed_and_principal", "changed_and_low", "changed_and_principal_not_low")
 
 
 @dataclass(frozen=True)
@@ -157,17 +157,49 @@ def scalars(stats: dict[str, GroupStats], *, prefix: str = "compass", index: int
     """Flat ``{name: value}`` scalars of one snapshot, for loggers (wandb, TensorBoard, ...).
 
     Keys: ``{prefix}/{group}/sparsity``, ``.../overlap_{mask}``, ``.../rand_{mask}``,
-    ``.../null_{mask}`` and ``.../flips``.
+    ``.../null_{mask}`` and ``.../flips`` (the fraction of the group's weights whose
+    changed bit flipped since the previous snapshot, like every other scalar a fraction).
     """
     out: dict[str, float] = {}
     for name, s in stats.items():
         base = f"{prefix}/{name.replace(' ', '_')}"
         out[f"{base}/sparsity"] = float(s.sparsity[index])
-        out[f"{base}/flips"] = float(s.flips_since_previous[index])
+        out[f"{base}/flips"] = float(s.flips_since_previous[index] / s.numel) if s.numel else float("nan")
         for mask in REFERENCE_MASKS:
             out[f"{base}/overlap_{mask}"] = float(s.overlap[mask][index])
             out[f"{base}/rand_{mask}"] = float(s.random_baseline[mask][index])
             out[f"{base}/null_{mask}"] = float(s.null[mask][index])
+    return out
+
+
+def spectral_scalars(
+    params: Sequence[Any], spectral: np.ndarray, *, key: Callable[[Any], str | None], prefix: str = "compass"
+) -> dict[str, float]:
+    """Per-group spectral scalars of one spectral snapshot, for loggers.
+
+    Args:
+        params: the monitored matrices, in store order.
+        spectral: (P, len(SPECTRAL_FIELDS)) float64, NaN where not computed.
+        key: group name of a matrix, or None to leave it out.
+
+    Keys ``{prefix}/{group}/{field}``: the mean over the group's matrices (NaN ones
+    left out) of each spectral field, except angles, which take the group's maximum.
+    """
+    from .store.schema import SPECTRAL_FIELDS
+
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(params):
+        name = key(p)
+        if name is not None:
+            groups.setdefault(name, []).append(i)
+    out: dict[str, float] = {}
+    for name, idx in groups.items():
+        block = np.asarray(spectral, dtype=np.float64)[idx]
+        base = f"{prefix}/{name.replace(' ', '_')}"
+        for j, field in enumerate(SPECTRAL_FIELDS):
+            column = block[:, j][np.isfinite(block[:, j])]
+            if column.size:
+                out[f"{base}/{field}"] = float(column.max() if "angle" in field else column.mean())
     return out
 
 

@@ -1,30 +1,43 @@
-"""Per-matrix work on the parameters' device: base capture once, measurement per snapshot.
+"""Per-range work on the device: a matrix's base codes once, its changed mask per snapshot.
 
-The measurement is the monitor's hot path. On an accelerator it runs a few
+Every monitored matrix is measured on the flat range of it that a rank holds
+(:class:`ShardState`: ``[start, start + numel)`` of its global row-major
+indices; a whole matrix in a single process is the range ``[0, m n)``). The
+measurement is the monitor's hot path. On an accelerator it runs a few
 elementwise passes and reductions that stay on the device; nothing moves data
-to the host or synchronises (the monitor gathers all results of a snapshot and
-copies them to the host once). On the CPU the same computation runs in numpy
-on zero-copy views of the tensors: torch's CPU kernels for int16/uint8
-bit operations are one to two orders of magnitude slower than numpy's
-(``bench/bench_snapshot_cpu.py``). Both paths are tested against the same
-float64 reference.
+to the host or synchronises (the probe copies all results of a snapshot to the
+host once). On the CPU the same computation runs in numpy on zero-copy views:
+torch's CPU kernels for int16/uint8 bit operations are one to two orders of
+magnitude slower than numpy's (``bench/bench_snapshot_cpu.py``). Both paths are
+tested against the same float64 reference.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from .bf16 import bf16_bits, canonical_bits, changed_from_bits, ABS_MASK, INF_BITS
-from .bitpack import pack_bits, popcount
-from .precision_null import class_counts, spacing_class
-from .principal import principal_mask
-from .reference_masks import low_magnitude_mask
-from .selection import ParamSpec
+from .bf16 import ABS_MASK, INF_BITS, bf16_bits, changed_from_bits
+from .bitpack import popcount
+from .kernels import fused_available, fused_measure_range
+from .shard_geometry import pack_aligned
+from .sharding import LocalShard, ShardingError
 
-__all__ = ["MatrixBase", "Measurement", "capture_base", "measure", "base_fingerprint", "as_matrix", "ShapeChangedError"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ShardState",
+    "measure_range",
+    "changed_np",
+    "counts_np",
+    "counts_torch",
+    "fingerprint_partial",
+    "base_fingerprint",
+]
 
 # Modulus and multipliers of the base fingerprint (Park-Miller constants).
 _FP_MOD = 2**31 - 1
@@ -32,122 +45,56 @@ _FP_MULTIPLIERS = (48271, 16807)
 _FP_CHUNK = 1 << 22
 
 
-class ShapeChangedError(RuntimeError):
-    """A monitored parameter no longer has the shape it had when the base was taken."""
-
-
 @dataclass
-class MatrixBase:
-    """What the monitor keeps per matrix: 2 bytes per weight plus 4 bits of masks.
+class ShardState:
+    """What a rank keeps per matrix: 2 bytes per local weight plus 4 bits of packed masks.
+
+    All masks are packed over the global bytes the range touches (``pack_aligned``).
 
     Attributes:
-        spec: the parameter.
-        base_bits: canonical bf16 codes of W0 (int16), shape (m, n).
+        shard: the rank's part of the matrix (``values()`` reads the current weights).
+        start, numel: the contributed range (numel 0 on a non-contributing replica).
+        base_bits: (numel,) int16 canonical bf16 codes of W0, on the base device.
         reference_packed: (3, nbytes) uint8: principal, low, principal-not-low.
-        previous_packed: the last snapshot's packed changed mask (for flip counts).
+        previous_packed: (nbytes,) uint8: the last stored snapshot's changed mask.
     """
 
-    spec: ParamSpec
+    shard: LocalShard
+    start: int
+    numel: int
     base_bits: torch.Tensor
     reference_packed: torch.Tensor
     previous_packed: torch.Tensor
+    #: whether the fused accelerator kernel may measure this range (False after it failed once)
+    fused: bool = True
 
 
-@dataclass(frozen=True)
-class Measurement:
-    """One snapshot of one matrix, still on the device."""
+def fingerprint_partial(bits: torch.Tensor, start: int) -> torch.Tensor:
+    """``base_fingerprint`` terms of a flat range starting at global index ``start``, (2,) int64 mod p.
 
-    counts: torch.Tensor  # (6,) int64, schema.COUNT_FIELDS order
-    rows: torch.Tensor  # (m,) int32
-    cols: torch.Tensor  # (n,) int32
-    packed: torch.Tensor  # (nbytes,) uint8
-
-
-def as_matrix(weight: torch.Tensor, spec: ParamSpec) -> torch.Tensor:
-    """View a parameter as the spec's (m, n) matrix; refuse a changed shape."""
-    if weight.numel() != spec.numel or (weight.dim() == 2 and tuple(weight.shape) != spec.shape):
-        raise ShapeChangedError(
-            f"parameter {spec.name!r} has shape {tuple(weight.shape)} but had {spec.shape} when the base "
-            "was taken; a resized parameter cannot be compared with its base. Start a new run store."
-        )
-    return weight.detach().reshape(spec.shape)
-
-
-def base_fingerprint(base_bits: torch.Tensor) -> torch.Tensor:
-    """Two position-weighted checksums of the canonical base codes, (2,) int64.
-
-    ``sum_i v_i * w(i) mod (2^31 - 1)`` with ``w(i) = (i * a mod p) + 1`` over
-    the flat row-major index ``i``: a change in any value or position shows,
-    and the sums decompose over any split of the matrix (shards add up mod p).
-    Not cryptographic; it guards against resuming on the wrong base.
+    The fingerprint of a whole matrix is the sum of its ranges' partials mod p.
     """
-    flat = base_bits.reshape(-1)
+    flat = bits.reshape(-1)
     result = torch.zeros(len(_FP_MULTIPLIERS), dtype=torch.int64, device=flat.device)
-    for start in range(0, flat.numel(), _FP_CHUNK):
-        chunk = flat[start : start + _FP_CHUNK].to(torch.int64) & 0xFFFF
-        index = torch.arange(start, start + chunk.numel(), device=flat.device, dtype=torch.int64)
+    for offset in range(0, flat.numel(), _FP_CHUNK):
+        chunk = flat[offset : offset + _FP_CHUNK].to(torch.int64) & 0xFFFF
+        index = torch.arange(start + offset, start + offset + chunk.numel(), device=flat.device, dtype=torch.int64)
         for j, multiplier in enumerate(_FP_MULTIPLIERS):
             weight = (index * multiplier) % _FP_MOD + 1
             result[j] = (result[j] + ((chunk * weight) % _FP_MOD).sum()) % _FP_MOD
     return result
 
 
-def capture_base(spec: ParamSpec, weight: torch.Tensor, *, rank: int, alpha: float) -> tuple[MatrixBase, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Take W0 for one matrix.
+def base_fingerprint(base_bits: torch.Tensor) -> torch.Tensor:
+    """Two position-weighted checksums of a whole matrix's canonical base codes, (2,) int64.
 
-    Returns:
-        (state, class_counts (4, 512) int64, fingerprint (2,) int64,
-        nonfinite count (0-d int64)), all on the weight's device.
+    ``sum_i v_i * w(i) mod (2^31 - 1)`` with ``w(i) = (i * a mod p) + 1`` over
+    the flat row-major index ``i``: a change in any value or position shows,
+    and the sums decompose over any split of the matrix (:func:`fingerprint_partial`
+    of the ranges add up mod p). Not cryptographic; it guards against resuming on
+    the wrong base.
     """
-    matrix = as_matrix(weight, spec)
-    bits = canonical_bits(bf16_bits(matrix).clone())
-    w0 = bits.view(torch.bfloat16).float()
-    nonfinite = ((bits & ABS_MASK) >= INF_BITS).sum()
-    # Non-finite base entries would poison the SVD and the selections: they are
-    # treated as 0 for the reference masks (and counted, so the monitor warns).
-    w0 = torch.nan_to_num(w0, nan=0.0, posinf=0.0, neginf=0.0)
-    principal = principal_mask(w0, rank, alpha)
-    low = low_magnitude_mask(w0, alpha)
-    principal_not_low = principal & ~low
-    reference = torch.stack([pack_bits(principal), pack_bits(low), pack_bits(principal_not_low)])
-    counts = class_counts(spacing_class(bits), [principal, low, principal_not_low])
-    state = MatrixBase(spec=spec, base_bits=bits, reference_packed=reference, previous_packed=torch.zeros_like(reference[0]))
-    return state, counts, base_fingerprint(bits), nonfinite
-
-
-def measure(state: MatrixBase, weight: torch.Tensor, *, backend: str = "auto") -> Measurement:
-    """Changed mask and its counts for one matrix (Def. 2.2, Sec. 2.2, Sec. 4.2).
-
-    counts = [|M|, |M ∩ P|, |M ∩ L|, |M ∩ P ∩ L^c|, |M xor M_prev|, #non-finite];
-    rows[i] = sum_j M_ij (rho_i = rows[i] / n); cols[j] = sum_i M_ij (kappa_j = cols[j] / m).
-
-    Args:
-        backend: ``auto`` (numpy when the base is in CPU memory, torch otherwise), ``numpy`` or ``torch``.
-    """
-    if backend == "auto":
-        backend = "numpy" if state.base_bits.device.type == "cpu" else "torch"
-    match backend:
-        case "numpy":
-            return _measure_numpy(state, weight)
-        case "torch":
-            return _measure_torch(state, weight)
-        case _:
-            raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
-
-
-def _measure_numpy(state: MatrixBase, weight: torch.Tensor) -> Measurement:
-    current = bf16_bits(as_matrix(weight, state.spec)).cpu().numpy()  # a no-op for CPU weights
-    changed, nonfinite = changed_np(current, state.base_bits.cpu().numpy())
-    packed = np.packbits(changed)
-    counts = counts_np(packed, state.reference_packed.cpu().numpy(), state.previous_packed.cpu().numpy(), nonfinite)
-    packed_t = torch.from_numpy(packed)
-    state.previous_packed = packed_t
-    return Measurement(
-        counts=torch.from_numpy(counts),
-        rows=torch.from_numpy(changed.sum(axis=1, dtype=np.int32)),
-        cols=torch.from_numpy(changed.sum(axis=0, dtype=np.int32)),
-        packed=packed_t,
-    )
+    return fingerprint_partial(base_bits, 0)
 
 
 def changed_np(current: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, int]:
@@ -196,15 +143,51 @@ def _popcount_np(packed: np.ndarray) -> int:
     return int(np.bitwise_count(packed).sum(dtype=np.int64))
 
 
-def _measure_torch(state: MatrixBase, weight: torch.Tensor) -> Measurement:
-    current = bf16_bits(as_matrix(weight, state.spec)).to(state.base_bits.device)
-    changed = changed_from_bits(current, state.base_bits)
-    packed = pack_bits(changed)
-    counts = counts_torch(packed, state.reference_packed, state.previous_packed, current)
-    state.previous_packed = packed
-    return Measurement(
-        counts=counts,
-        rows=changed.sum(dim=1, dtype=torch.int32),
-        cols=changed.sum(dim=0, dtype=torch.int32),
-        packed=packed,
-    )
+def measure_range(state: ShardState, shape: tuple[int, int], *, backend: str = "auto") -> tuple[Any, Any, Any, torch.Tensor]:
+    """Counts (6,) int64, partial rows (touched rows) and columns int32, aligned packed mask of one local range.
+
+    numpy on host arrays when the base is in CPU memory (``backend="auto"``); torch
+    tensors on the base's device otherwise (the caller copies them to the host in one go).
+    """
+    if backend not in ("auto", "numpy", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
+    # On CUDA with triton: one fused pass with the torch branch's outputs (compass_monitor.kernels).
+    if backend == "auto" and state.fused and fused_available(state.base_bits.device):
+        try:
+            return fused_measure_range(state, shape)
+        except ShardingError:
+            raise  # the parameter itself changed: not the kernel's fault
+        except Exception as exc:  # a kernel that cannot compile or launch here: the plain torch pass instead
+            log.warning("compass-monitor: the fused mask kernel failed on %s (%s: %s); using plain torch ops for it", state.shard.spec.name, type(exc).__name__, exc)
+            state.fused = False
+    m, n = shape
+    start, numel = state.start, state.numel
+    values = state.shard.local()
+    current_t = bf16_bits(values)
+    base_t = state.base_bits
+    if current_t.device != base_t.device:
+        current_t = current_t.to(base_t.device)
+    first, last = start // n, (start + numel - 1) // n
+    nrows = last - first + 1
+    lead = start - first * n
+    if backend == "numpy" or (backend == "auto" and base_t.device.type == "cpu"):
+        changed, nonfinite = changed_np(current_t.numpy(), base_t.numpy())
+        packed = pack_aligned(changed, start)
+        counts = counts_np(packed, state.reference_packed.numpy(), state.previous_packed.numpy(), nonfinite)
+        if lead == 0 and numel == nrows * n:
+            grid = changed.reshape(nrows, n)
+        else:
+            grid = np.zeros(nrows * n, dtype=bool)
+            grid[lead : lead + numel] = changed
+            grid = grid.reshape(nrows, n)
+        return counts, grid.sum(axis=1, dtype=np.int32), grid.sum(axis=0, dtype=np.int32), torch.from_numpy(packed)
+    changed = changed_from_bits(current_t, base_t)
+    packed_t = pack_aligned(changed, start)
+    counts_t = counts_torch(packed_t, state.reference_packed, state.previous_packed, current_t)
+    if lead == 0 and numel == nrows * n:
+        grid = changed.view(nrows, n)
+    else:
+        grid = torch.zeros(nrows * n, dtype=torch.bool, device=changed.device)
+        grid[lead : lead + numel] = changed
+        grid = grid.view(nrows, n)
+    return counts_t, grid.sum(dim=1, dtype=torch.int32), grid.sum(dim=0, dtype=torch.int32), packed_t

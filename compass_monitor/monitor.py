@@ -10,6 +10,18 @@ Usage (plain PyTorch, see ``compass_monitor.integrations.pytorch``)::
 The core knows no framework: adapters decide when a real optimizer step
 happened and call :meth:`CompassMonitor.on_optimizer_step`.
 
+One monitor for every layout: it drives one per-rank probe
+(``compass_monitor.probe``) over the shards its rank holds. A plain model in
+one process is one rank holding whole matrices; a model sharded across
+processes (FSDP1, FSDP2 / DTensor ``Shard(0)``, HSDP) is monitored by one
+instance per rank, created and driven on **every** rank with the same
+arguments (docs/sharding.md). Rank 0 writes the store; the other ranks get a
+do-nothing sink (``sinks.NullSink``). Every decision that changes which
+collectives run next is taken from values every rank holds after the same
+collective: a failure on any rank (measuring, or rank 0's store writer) is
+reported through the next snapshot's all-reduce, and every rank disables
+itself at the same snapshot.
+
 The monitor never takes a training run down: once constructed, any failure in
 it (disk full, a resized parameter, a store error) is logged, the run store is
 marked ``disabled`` if possible, and the monitor detaches itself. Errors in the
@@ -21,50 +33,36 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import __version__ as _version
-from .aggregates import aggregate_counts, by_module_type, everything_linear, scalars
+from .aggregates import aggregate_counts, by_module_type, everything_linear, scalars, spectral_scalars
+from .collectives import Comm
 from .config import MonitorConfig
-from .matrix_probe import MatrixBase, capture_base, measure
 from .precision_null import null_overlaps
-from .selection import ParamSpec, select_matrices
-from .spectral import SpectralBase, SpectralConfig, SpectralDrift, spectral_base, spectral_drift_checked
+from .probe import ShardProbe
+from .run_attributes import model_class_of, run_attributes
+from .resume import ResumePoint, agree, agreed_config, read_resume_point, restore_probe, rewind_point
+from .sharding import ShardLayout
+from .sinks import NullSink
+from .spectral_tracker import SpectralTracker
 from .store import schema
 from .store.async_writer import AsyncWriter
-from .store.resume import ResumePlan, plan_resume, resume_config
-from .store.writer import RunWriter, SnapshotRecord
+from .store.writer import RunWriter, SnapshotRecord, check_target_free
 
-__all__ = ["CompassMonitor"]
+__all__ = ["CompassMonitor", "SnapshotFailed"]
 
 log = logging.getLogger(__name__)
 
-METHODS = {
-    "changed": "bitwise bf16 inequality, +0 == -0, NaN always changed (paper Def. 2.1, App. D.2)",
-    "principal_mask": "top-alpha of |rank-k reconstruction of W0|: top-k eigenvectors (float64 eigh) of the exact fixed-point Gram matrix of the smaller side, projection in float64 chunks of 256 global rows, rounded to float32; identical bits on any number of ranks (compass_monitor.principal); exact count floor(alpha*n), ties by lowest flat index",
-    "low_mask": "bottom-alpha of |W0|, exact count floor(alpha*n), ties by lowest flat index",
-    "precision_null": "i.i.d. Gaussian noise sized to flip |M| weights in expectation, closed form over 512 bf16 spacing classes",
-}
-
-
-def _versions() -> dict[str, str]:
-    import zarr
-
-    return {
-        "compass_monitor": _version,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-        "python": platform.python_version(),
-    }
+class SnapshotFailed(RuntimeError):
+    """A snapshot failed on some rank (the message says which and why); every rank disables itself."""
 
 
 class CompassMonitor:
@@ -76,11 +74,6 @@ class CompassMonitor:
     snapshot stores, per matrix, the packed changed mask, the row and column
     change counts, and the overlap counts with the reference masks; with the
     precision null of each overlap.
-
-    A model whose parameters are sharded across processes (FSDP1, FSDP2 /
-    DTensor ``Shard(0)``, HSDP) gets a
-    :class:`~compass_monitor.sharded_monitor.ShardedMonitor` instead: the same
-    API and the same store, created and driven on every rank (docs/sharding.md).
 
     Args:
         model: the module whose parameters are monitored (its current weights are the base).
@@ -99,28 +92,18 @@ class CompassMonitor:
         resume_step: the optimizer step the training resumes from (the
             checkpoint's step); default: the last committed snapshot's step.
             The monitor's step counter continues from it.
+        group: the process group a sharded model spans (default: the world).
         optimizer: the training optimizer, if known: parameters in none of its
             param groups count as frozen (left out unless ``include_frozen``).
 
     Raises:
         ConfigError: an invalid configuration.
         SelectionError: no parameter matches the configuration.
+        ShardingError: a parameter is sharded in a way the monitor cannot read.
         StoreExistsError: ``run_dir`` holds a run or other files.
         ResumeError: (``resume=True``) the store cannot be continued with this
             model or configuration; the message names what differs.
     """
-
-    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> "CompassMonitor":
-        # A model whose parameters are sharded across processes (FSDP1, FSDP2 /
-        # DTensor) gets the sharded monitor: same API and store, one instance per rank.
-        if cls is CompassMonitor and model is not None:
-            from .sharding import sharding_kind
-
-            if sharding_kind(model) != "plain":
-                from .sharded_monitor import ShardedMonitor
-
-                return super().__new__(ShardedMonitor)
-        return super().__new__(cls)
 
     def __init__(
         self,
@@ -132,21 +115,20 @@ class CompassMonitor:
         metadata: dict[str, Any] | None = None,
         resume: bool = False,
         resume_step: int | None = None,
+        group: Any = None,
         optimizer: Any = None,
     ) -> None:
+        comm = Comm(group)
         if resume:
-            config = resume_config(run_dir, config)
-        self.config = config or MonitorConfig()
-        # Every matrix is read through its canonical (out, in) view (compass_monitor.selection).
-        selection = select_matrices(model, self.config, optimizer=optimizer)
-        views = [m.matrix for m in selection.matrices]
-        self._start([m.spec for m in selection.matrices], views, selection.facts, run_dir, run_name=run_name,
-                    metadata=metadata, model_class=type(model).__name__, resume=resume, resume_step=resume_step)  # fmt: skip
+            config = agreed_config(comm, run_dir, config)
+        config = config or MonitorConfig()
+        probe = ShardProbe.from_model(model, config, group=group, comm=comm, optimizer=optimizer)
+        self._start(probe, run_dir, config, run_name=run_name, metadata=metadata, model_class=model_class_of(model), resume=resume, resume_step=resume_step)
 
     @classmethod
     def from_layout(
         cls,
-        layout: Any,
+        layout: ShardLayout,
         run_dir: str | os.PathLike[str],
         *,
         config: MonitorConfig | None = None,
@@ -156,31 +138,27 @@ class CompassMonitor:
         resume: bool = False,
         resume_step: int | None = None,
     ) -> "CompassMonitor":
-        """A monitor over a :class:`~compass_monitor.sharding.ShardLayout` of whole matrices on one process
-        (e.g. checkpoint tensors loaded lazily by ``values()``); the rest as for the constructor.
+        """A monitor over any :class:`~compass_monitor.sharding.ShardLayout` (same arguments as the constructor).
 
-        Raises:
-            ShardingError: a layout whose matrices are split across ranks (use the model-taking constructor).
+        Each shard's ``values()`` is the only way the monitor reads weights, so a
+        layout may present lazily loaded tensors (post-hoc checkpoints) or views of
+        a model that discovery does not know. Take snapshots with :meth:`snapshot`.
         """
-        from .sharding import ShardingError
-
-        if layout.distributed or any(not shard.is_whole for shard in layout.shards):
-            raise ShardingError(f"from_layout takes whole matrices on one process; this layout is {layout.kind!r}")
-        monitor = super().__new__(CompassMonitor)
+        comm = Comm(layout.group)
         if resume:
-            config = resume_config(run_dir, config)
-        monitor.config = config or MonitorConfig()
-        views = [lambda shard=shard: shard.values().reshape(shard.spec.shape) for shard in layout.shards]
-        monitor._start(layout.specs, views, dict(layout.facts), run_dir, run_name=run_name, metadata=metadata,
-                       model_class=model_class, resume=resume, resume_step=resume_step)  # fmt: skip
+            config = agreed_config(comm, run_dir, config)
+        config = config or MonitorConfig()
+        monitor = cls.__new__(cls)
+        monitor._start(
+            ShardProbe(layout, config, comm=comm), run_dir, config, run_name=run_name, metadata=metadata, model_class=model_class, resume=resume, resume_step=resume_step
+        )
         return monitor
 
     def _start(
         self,
-        specs: list[ParamSpec],
-        views: list[Callable[[], torch.Tensor]],
-        facts: dict[str, Any],
+        probe: ShardProbe,
         run_dir: str | os.PathLike[str],
+        config: MonitorConfig,
         *,
         run_name: str | None,
         metadata: dict[str, Any] | None,
@@ -188,34 +166,10 @@ class CompassMonitor:
         resume: bool,
         resume_step: int | None,
     ) -> None:
-        """Take the base and create the store, or continue it (``resume``); ``views`` return each matrix now."""
-        self.specs: list[ParamSpec] = specs
-        self._views = views
-        self._selection_facts = facts
-        self._init_state()
-        if resume:
-            self._resume(run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
-            self._init_spectral()
-            return
-
-        self._states, class_counts, fingerprints = self._capture_base()
-        self._class_counts = class_counts
-        attributes = self._store_attributes(run_dir, run_name, metadata, model_class=model_class, selection=self._selection_facts)
-        store = RunWriter.create(run_dir, params=self.specs, attributes=attributes, key_interval=self.config.key_interval)
-        self.writer = self._start_writer(store)
-        # The base goes through the writer thread too (compressing W0 takes a while);
-        # CPU tensors are handed over as zero-copy views (they are never modified).
-        self.writer.submit_base(
-            fingerprints=fingerprints,
-            class_counts=class_counts,
-            reference_packed=[state.reference_packed.cpu().numpy() for state in self._states],
-            base_codes=[state.base_bits.cpu().numpy() for state in self._states] if self.config.store_base else None,
-        )
-        self._init_spectral()
-        log.info("compass-monitor: watching %d matrices (%d weights) -> %s", len(self.specs), self.num_weights, run_dir)
-
-    def _init_state(self) -> None:
-        """The per-run state both monitors start from (before their base or a resume sets it)."""
+        self.config = config
+        self.probe = probe
+        self.comm = probe.comm
+        self.specs = probe.specs
         self._hooks: list[Any] = []
         self.step = 0
         self._last_snapshot_step: int | None = None
@@ -223,84 +177,78 @@ class CompassMonitor:
         self._latest: tuple[int, np.ndarray, np.ndarray] | None = None
         self.enabled = True
         self.disabled_reason: str | None = None
-        #: cached base decompositions (the sharded monitor: on rank 0, None per matrix elsewhere); None: spectral off
-        self._spectral_bases: list[SpectralBase | None] | None = None
         self._snapshots_taken = 0
+        self._spectral: SpectralTracker | None = None
+        self._latest_spectral: np.ndarray | None = None  # (P, F) of the latest spectral snapshot
+        if resume:
+            self._resume(run_dir, resume_step=resume_step, run_name=run_name, metadata=metadata)
+        else:
+            self._create(run_dir, run_name=run_name, metadata=metadata, model_class=model_class)
+        if config.spectral_every:
+            self._spectral = SpectralTracker(probe, config)
 
-    def _store_attributes(
-        self,
-        run_dir: str | os.PathLike[str],
-        run_name: str | None,
-        metadata: dict[str, Any] | None,
-        *,
-        model_class: str,
-        selection: dict[str, Any] | None = None,
-        **run_facts: Any,
-    ) -> dict[str, Any]:
-        """The new store's attributes: the run's facts, configuration, method notes and versions."""
-        return {
-            "run": {
-                "name": run_name or os.path.basename(os.path.abspath(os.fspath(run_dir))),
-                "created": time.time(),
-                "model_class": model_class,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                **run_facts,
-            },
-            "config": self.config.to_dict(),
-            "methods": METHODS,
-            "count_fields": list(schema.COUNT_FIELDS),
-            "reference_masks": list(schema.REFERENCE_MASKS),
-            "versions": _versions(),
-            "metadata": metadata or {},
-            "selection": selection or {},
-        }
-
-    def _spectral_config(self, method: str | None = None) -> SpectralConfig:
-        return SpectralConfig(
-            k=self.config.spectral_k, every_n_snapshots=self.config.spectral_every, method=method or self.config.spectral_method
+    # -- creation and resume ---------------------------------------------------------
+    def _create(self, run_dir: str | os.PathLike[str], *, run_name: str | None, metadata: dict[str, Any] | None, model_class: str) -> None:
+        agree(self.comm, lambda: check_target_free(Path(run_dir)))  # fail before the base's cost
+        base = self.probe.capture_base(want_codes=self.config.store_base)
+        self._class_counts = base.class_counts
+        attributes = run_attributes(
+            run_dir, run_name=run_name, metadata=metadata, model_class=model_class, config=self.config, world_size=self.comm.world_size, layout=self.probe.layout
         )
-
-    @torch.no_grad()
-    def _init_spectral(self) -> None:
-        """Decompose each base matrix once (from the stored W0 codes, so a resumed run uses the true base)."""
-        if not self.config.spectral_every:
+        store = agree(
+            self.comm,
+            lambda: RunWriter.create(run_dir, params=self.specs, attributes=attributes, key_interval=self.config.key_interval),
+            share=False,
+        )
+        if store is None:
+            self.writer: AsyncWriter | NullSink = NullSink(run_dir)
             return
-        config = self._spectral_config()
-        self._spectral_bases = [spectral_base(state.base_bits.view(torch.bfloat16), config) for state in self._states]
+        self._warn_base_nonfinite(base.nonfinite)
+        self.writer = self._start_writer(store)
+        # The base goes through the writer thread too (compressing W0 takes a while).
+        self.writer.submit_base(
+            fingerprints=base.fingerprints,
+            class_counts=base.class_counts,
+            reference_packed=base.reference_packed,
+            base_codes=base.base_codes,
+        )
+        log.info(
+            "compass-monitor: watching %d matrices (%d weights) on %d rank(s) (%s) -> %s",
+            len(self.specs),
+            self.num_weights,
+            self.comm.world_size,
+            self.probe.layout.kind,
+            run_dir,
+        )
 
     def _start_writer(self, store: RunWriter) -> AsyncWriter:
         return AsyncWriter(store, queue_size=self.config.writer_queue, when_full=self.config.when_queue_full)
 
-    # -- resume ------------------------------------------------------------------
     def _resume(self, run_dir: str | os.PathLike[str], *, resume_step: int | None, run_name: str | None, metadata: dict[str, Any] | None) -> None:
-        AsyncWriter.release(run_dir)  # a monitor of this process that was never closed stops writing first
-        plan = plan_resume(run_dir, self.specs, self._current(), self.config, resume_step=resume_step)
-        store = RunWriter.open_existing(run_dir, key_interval=self.config.key_interval)
-        event = {"step": plan.step, "pid": os.getpid(), "host": socket.gethostname()}
-        if run_name or metadata:
-            event.update({"run_name": run_name, "metadata": metadata or {}})
-        store.resume(plan.keep, event=event)
-        self._states = plan.states
-        self._class_counts = plan.class_counts
-        self._restore(plan, store)
-        self.writer = self._start_writer(store)
-        log.info(
-            "compass-monitor: resumed %s at step %d: kept %d snapshots, dropped %d",
-            run_dir,
-            plan.step,
-            plan.keep,
-            plan.dropped,
-        )
+        run, point = read_resume_point(self.comm, run_dir, self.specs, resume_step)
+        restore_probe(self.probe, run, point, run_dir)
 
-    def _restore(self, plan: ResumePlan, store: RunWriter) -> None:
-        """Step counter, previous masks (for flips_since_previous) and latest scalars after a resume/rewind."""
-        for state, packed in zip(self._states, store.previous_packed):
-            state.previous_packed = torch.from_numpy(np.array(packed, copy=True)).to(state.base_bits.device)
-        self.step = plan.step
-        self._last_snapshot_step = plan.last_snapshot_step
-        self._latest = plan.latest
-        self._snapshots_taken = plan.keep  # the spectral cadence counts stored snapshots, across resumes
+        def reopen() -> RunWriter:
+            store = RunWriter.open_existing(run_dir, key_interval=self.config.key_interval)
+            event: dict[str, Any] = {"step": point.step, "pid": os.getpid(), "host": socket.gethostname(), "world_size": self.comm.world_size}
+            if run_name or metadata:
+                event.update({"run_name": run_name, "metadata": metadata or {}})
+            store.resume(point.keep, event=event)
+            return store
+
+        store = agree(self.comm, reopen, share=False)
+        self._apply(point)
+        self.writer = self._start_writer(store) if store is not None else NullSink(run_dir)
+        if store is not None:
+            log.info("compass-monitor: resumed %s at step %d: kept %d snapshots, dropped %d", run_dir, point.step, point.keep, point.dropped)
+
+    def _apply(self, point: ResumePoint) -> None:
+        """Step counter and latest scalars of a resume or rewind (agreed on every rank)."""
+        self._class_counts = point.class_counts
+        self.step = point.step
+        self._last_snapshot_step = point.last_snapshot_step
+        self._latest = point.latest
+        self._snapshots_taken = point.keep  # the spectral cadence counts stored snapshots, across resumes
 
     def state_dict(self) -> dict[str, Any]:
         """Minimal state for a training checkpoint: the step counter and the last snapshot's step."""
@@ -312,35 +260,24 @@ class CompassMonitor:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint's :meth:`state_dict`: rewind to its step. Never raises.
+        """Continue from a checkpoint's :meth:`state_dict`: rewind to its step. Never raises; call on every rank.
 
         Snapshots after the checkpoint's step are dropped from the store
         (recorded in its history); the step counter and the previous masks are
         restored from the store. Use with ``resume=True``.
         """
         if self.enabled:
-            self._guarded(self._rewind, int(state["step"]))
-
-    def _rewind(self, step: int) -> None:
-        self.writer.flush()
-        if self.writer.error is not None:
-            self._raise_writer_error()
-        plan = plan_resume(self.run_dir, self.specs, self._current(), self.config, resume_step=step, states=self._states, check_model=False)
-        self.writer.call(lambda store: store.resume(plan.keep, event={"step": step, "by": "load_state_dict"}))
-        self._restore(plan, self.writer.writer)
+            self._guarded(lambda step: self._apply(rewind_point(self.probe, self.writer, self.run_dir, step)), int(state["step"]))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every snapshot taken so far is committed to the store. True if done in time."""
         return self.writer.flush(timeout)
 
-    def _raise_writer_error(self) -> None:
+    def _writer_failure(self) -> str:
         error = self.writer.error
-        raise RuntimeError(f"the run-store writer failed ({self.writer.error_context}): {type(error).__name__}: {error}")
+        return f"the run-store writer failed ({self.writer.error_context}): {type(error).__name__}: {error}"
 
-    def _current(self) -> list[torch.Tensor]:
-        """The monitored matrices' current values, each (m, n) (views where the layout allows)."""
-        return [view() for view in self._views]
-
+    # -- facts ----------------------------------------------------------------------
     @property
     def num_weights(self) -> int:
         return sum(spec.numel for spec in self.specs)
@@ -349,34 +286,13 @@ class CompassMonitor:
     def run_dir(self) -> str:
         return str(self.writer.path)
 
-    # -- base ------------------------------------------------------------------
-    @torch.no_grad()
-    def _capture_base(self) -> tuple[list[MatrixBase], np.ndarray, np.ndarray]:
-        states, counts, fingerprints, nonfinite = [], [], [], []
-        for spec, param in zip(self.specs, self._current()):
-            state, class_count, fingerprint, bad = capture_base(
-                spec, param, rank=self.config.principal_rank, alpha=self.config.alpha
-            )
-            if self.config.base_device == "cpu":  # W0 and the packed masks in host memory
-                state.base_bits, state.reference_packed, state.previous_packed = (
-                    state.base_bits.cpu(),
-                    state.reference_packed.cpu(),
-                    state.previous_packed.cpu(),
-                )
-            states.append(state)
-            counts.append(class_count)
-            fingerprints.append(fingerprint)
-            nonfinite.append(bad)
-        bad_counts = torch.stack(nonfinite).cpu().numpy()
-        for spec, bad in zip(self.specs, bad_counts):
-            if bad:
-                log.warning(
-                    "compass-monitor: base of %s holds %d NaN/Inf values; they count as 0 in the reference "
-                    "masks and any NaN in later weights counts as changed",
-                    spec.name,
-                    bad,
-                )
-        return states, torch.stack(counts).cpu().numpy(), torch.stack(fingerprints).cpu().numpy()
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
 
     # -- step counting ---------------------------------------------------------
     def own_hook(self, handle: Any) -> None:
@@ -387,7 +303,7 @@ class CompassMonitor:
         self._hooks.append(handle)
 
     def on_optimizer_step(self) -> None:
-        """Record that one optimizer step ran; snapshot if it is the N-th. Never raises.
+        """Record that one optimizer step ran; snapshot if it is the N-th. Never raises; call on every rank.
 
         Adapters call this once per real optimizer step (for plain PyTorch,
         ``compass_monitor.integrations.pytorch.attach_optimizer`` does).
@@ -395,22 +311,27 @@ class CompassMonitor:
         if not self.enabled:
             return
         self.step += 1
-        if self.writer.error is not None:
-            self._guarded(self._raise_writer_error)
+        if self.comm.world_size == 1 and self.writer.error is not None:
+            # Alone, the writer's failure is known at once; under sharding it is agreed on at the next snapshot.
+            self._guarded(self._raise, self._writer_failure())
             return
         if self.step % self.config.every_n_steps == 0:
             self._guarded(self._snapshot, self.step)
 
     def snapshot(self, step: int | None = None) -> None:
-        """Take a snapshot now, labelled ``step`` (default: the current step count). Never raises."""
+        """Take a snapshot now, labelled ``step`` (default: the current step count). Never raises; call on every rank."""
         if self.enabled:
             self._guarded(self._snapshot, self.step if step is None else step)
+
+    @staticmethod
+    def _raise(message: str) -> None:
+        raise RuntimeError(message)
 
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
         try:
             fn(*args)
-        except Exception as exc:  # the monitor must never take training down
-            self._disable(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # the monitor must never take training down (Ctrl-C still propagates)
+            self._disable(str(exc) if isinstance(exc, SnapshotFailed) else f"{type(exc).__name__}: {exc}")
 
     def _disable(self, reason: str) -> None:
         self.enabled = False
@@ -418,12 +339,9 @@ class CompassMonitor:
         self._detach()
         # Writes what is still queued (if the writer is healthy), then marks the store.
         self.writer.abort("disabled", reason=reason, step=self.step)
-        log.error(
-            "compass-monitor: disabled at step %d: %s. Training continues; the run store keeps the %d committed snapshots.",
-            self.step,
-            reason,
-            self.writer.num_snapshots,
-        )
+        where = f" on rank {self.rank}" if self.world_size > 1 else ""
+        kept = f"; the run store keeps the {self.writer.num_snapshots} committed snapshots" if self.probe.is_writer else ""
+        log.error("compass-monitor: disabled at step %d%s: %s. Training continues%s.", self.step, where, reason, kept)
 
     def _detach(self) -> None:
         for handle in self._hooks:
@@ -435,54 +353,49 @@ class CompassMonitor:
     def _snapshot(self, step: int) -> None:
         if self._last_snapshot_step == step:
             return
-        if self.writer.error is not None:
-            self._raise_writer_error()
-        if self.config.when_queue_full == "skip" and self.writer.full():
-            # The writer is behind: skip the snapshot before paying for it; the
-            # next one's flips are then counted against the last stored mask.
+        writer_failed = self.writer.error is not None
+        # Only the writer knows its queue; every rank learns the decision from the all-reduce.
+        skip = not writer_failed and self.config.when_queue_full == "skip" and self.writer.full()
+        if skip and self.world_size == 1:
+            # Decided alone: skip before paying for the measurement. The next snapshot's
+            # flips are then counted against the last stored mask.
             self.writer.note_gap(step)
             return
-        measurements = [measure(state, param) for state, param in zip(self._states, self._current())]
-        # One host transfer per kind of result for the whole snapshot.
-        counts = torch.stack([m.counts for m in measurements]).cpu().numpy()
-        rows = torch.cat([m.rows for m in measurements]).cpu().numpy()
-        cols = torch.cat([m.cols for m in measurements]).cpu().numpy()
-        packed = torch.cat([m.packed for m in measurements]).cpu().numpy()
+        snap = self.probe.measure() if not writer_failed else None
+        counts, flags = self.probe.reduce(snap or _failed_snapshot(len(self.specs)), skip=skip, error=writer_failed)
+        if flags["error"]:
+            mine = snap.error if snap is not None else self._writer_failure()
+            if mine and self.world_size > 1 and snap is None:
+                mine = f"rank {self.rank}: {mine}"
+            reasons = [r for r in self.comm.all_gather_object(mine) if r]
+            raise SnapshotFailed("; ".join(reasons) or "a rank failed")
+        if flags["skip"]:
+            self.writer.note_gap(step)  # rank 0; every rank keeps its previous masks
+            return
+        pieces = self.probe.collect(snap)
+        null = null_overlaps(self._class_counts, counts[:, 0])
         self._snapshots_taken += 1
-        record = SnapshotRecord(
-            step=step,
-            wall_time=time.time(),
-            counts=counts,
-            null_overlap=null_overlaps(self._class_counts, counts[:, 0]),
-            rows=_split(rows, [s.shape[0] for s in self.specs]),
-            cols=_split(cols, [s.shape[1] for s in self.specs]),
-            packed=_split(packed, [(s.numel + 7) // 8 for s in self.specs]),
-            spectral=self._spectral_now(),
-        )
+        spectral = self._spectral.rows() if self._spectral is not None and self._spectral.due(self._snapshots_taken) else None
+        if pieces is not None:
+            rows, cols, packed = pieces
+            record = SnapshotRecord(step=step, wall_time=time.time(), counts=counts, null_overlap=null, rows=rows, cols=cols, packed=packed, spectral=spectral)
+            # A refusal here (the writer failed meanwhile) is agreed on at the next snapshot.
+            self.writer.submit(record)
+        self.probe.accept(snap)
         self._warn_nonfinite(counts[:, schema.COUNT_FIELDS.index("nonfinite")])
-        if not self.writer.submit(record) and self.writer.error is not None:
-            self._raise_writer_error()
         self._last_snapshot_step = step
-        self._latest = (step, record.counts, record.null_overlap)
-
-    def _spectral_now(self) -> np.ndarray | None:
-        """(P, 4) spectral diagnostics on every ``spectral_every``-th snapshot, else None."""
-        if self._spectral_bases is None or self._snapshots_taken % self.config.spectral_every:
-            return None
-        rows = []
-        for base, state, param in zip(self._spectral_bases, self._states, self._current()):
-            # W_t as the bf16 values the changed mask sees (fp32 masters rounded like the probe).
-            current = param.detach().reshape(state.spec.shape).to(torch.bfloat16)
-            # "perturb" (auto on large GPU matrices) flags drift beyond its validity; those are redone exactly.
-            rows.append(spectral_row(spectral_drift_checked(base, current)))
-        return torch.stack(rows).cpu().numpy()
+        self._latest = (step, counts, null)
+        if spectral is not None:
+            self._latest_spectral = spectral
 
     def latest_scalars(self, *, prefix: str = "compass") -> dict[str, float]:
-        """Scalars of the latest snapshot for a logger, ``{}`` before the first one.
+        """Scalars of the latest snapshot for a logger, ``{}`` before the first one (every rank holds them).
 
         Groups: ``all_linear`` (the global numbers), each module type (q, k, v,
         o, gate, up, down, ...) and each other monitored role. Keys and values
-        are those that ``aggregates.scalars`` derives from the stored counts.
+        are those that ``aggregates.scalars`` derives from the stored counts; with
+        spectral diagnostics on, also ``aggregates.spectral_scalars`` of the latest
+        spectral snapshot (every rank holds them).
         """
         if self._latest is None:
             return {}
@@ -492,6 +405,8 @@ class CompassMonitor:
         for key in (everything_linear, by_module_type):
             stats = aggregate_counts(params=self.specs, counts=counts[None], null=null[None], mask_sizes=mask_sizes, key=key)
             out.update(scalars(stats, prefix=prefix))
+            if self._latest_spectral is not None:
+                out.update(spectral_scalars(self.specs, self._latest_spectral, key=key, prefix=prefix))
         return out
 
     @property
@@ -499,36 +414,55 @@ class CompassMonitor:
         """Optimizer step of the latest committed snapshot."""
         return None if self._latest is None else self._latest[0]
 
+    def _warn_base_nonfinite(self, nonfinite: np.ndarray) -> None:
+        for spec, bad in zip(self.specs, nonfinite):
+            if bad:
+                log.warning(
+                    "compass-monitor: base of %s holds %d NaN/Inf values; they count as 0 in the reference "
+                    "masks and any NaN in later weights counts as changed",
+                    spec.name,
+                    bad,
+                )
+
     def _warn_nonfinite(self, nonfinite: np.ndarray) -> None:
+        if not self.probe.is_writer:
+            return
         for spec, bad in zip(self.specs, nonfinite):
             if bad and self._warned.get(spec.name, 0) < self.config.max_warnings_per_param:
                 self._warned[spec.name] = self._warned.get(spec.name, 0) + 1
-                log.warning(
-                    "compass-monitor: %s holds %d NaN/Inf values at step %d (NaNs count as changed)",
-                    spec.name,
-                    bad,
-                    self.step,
-                )
+                log.warning("compass-monitor: %s holds %d NaN/Inf values at step %d (NaNs count as changed)", spec.name, bad, self.step)
 
     # -- end of run ----------------------------------------------------------------
     def close(self) -> None:
-        """Take the last snapshot (if configured and due), wait for the writer, finalize the store, detach. Never raises."""
+        """Take the last snapshot (if due), wait for the writer, finalize the store, detach. Never raises; call on every rank."""
         if not self.enabled:
             return
-        if self.writer.error is not None:
-            self._guarded(self._raise_writer_error)
+        if self.comm.world_size == 1 and self.writer.error is not None:
+            self._guarded(self._raise, self._writer_failure())
             return
         if self.config.snapshot_on_close and self.step > 0 and self._last_snapshot_step != self.step:
             self.writer.flush()  # the last snapshot is never skipped for a full queue
             self._guarded(self._snapshot, self.step)
+        elif self.step == 0 and self._last_snapshot_step is None and self.probe.is_writer:
+            log.warning(
+                "compass-monitor: closing %s with 0 snapshots: no optimizer step was counted since the base was taken. "
+                "To record weights changed outside an optimizer (loaded, edited), call monitor.snapshot(step=N) before close().",
+                self.run_dir,
+            )
         if not self.enabled:
             return
         self._detach()
-        self._finish_store()
         self.enabled = False
+        self._finish_store()
 
     def _finish_store(self) -> None:
         """Finalize the store as ``finished``; if that fails, log it and mark the store ``disabled``."""
+        if self.writer.error is not None:
+            reason = self._writer_failure()
+            self.disabled_reason = reason
+            self.writer.abort("disabled", reason=reason, step=self.step)
+            log.error("compass-monitor: %s; the run store keeps the %d committed snapshots", reason, self.writer.num_snapshots)
+            return
         self.writer.close("finished")
         if self.writer.error is not None:
             reason = f"finalize failed ({self.writer.error_context}): {type(self.writer.error).__name__}: {self.writer.error}"
@@ -546,10 +480,7 @@ class CompassMonitor:
         self.close()
 
 
-def spectral_row(drift: SpectralDrift) -> torch.Tensor:
-    """A matrix's stored spectral diagnostics, float64 in ``schema.SPECTRAL_FIELDS`` order (on its device)."""
-    return torch.stack([getattr(drift, name) for name in schema.SPECTRAL_FIELDS]).double()
+def _failed_snapshot(num_matrices: int) -> Any:
+    from .probe import LocalSnapshot
 
-
-def _split(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-    return np.split(flat, np.cumsum(sizes)[:-1])
+    return LocalSnapshot(counts=np.zeros((num_matrices, 6), np.int64))

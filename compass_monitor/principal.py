@@ -28,10 +28,12 @@ Orientation: ``a`` is W0 (m >= n) or W0^T (m < n), so that the Gram matrix
    of ``a`` (chunk c holds rows [c R, c R + R), zero rows where a process does
    not hold the row). Every GEMM has the same shape and every row the same
    position in it, so each output row gets the same sequence of operations in
-   any partition. The float64 result is rounded to float32 as before.
+   any partition. The score stays in float64 and is selected in float64
+   (``exact_selection``): rounding it to float32 would merge scores a few
+   1e-9 apart into ties, which the tie rule then settles by index.
 
 The eigenvectors come from ``torch.linalg.eigh`` of the float64 ``G'`` (the
-top-k of the smaller side), as in ``reference_masks.low_rank_reconstruction``;
+top-k of the smaller side), as in the float64 reference of the tests;
 under sharding one rank computes them and the others receive the same bits.
 Identical bits across processes assume the same BLAS/LAPACK and thread count on
 every rank, as in any data-parallel job.
@@ -43,7 +45,7 @@ import math
 
 import torch
 
-from .reference_masks import select_count, top_count_mask
+from .exact_selection import select_count, top_count_mask
 
 __all__ = [
     "CHUNK_ROWS",
@@ -119,14 +121,14 @@ def top_basis(gram: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def project_rows(a: torch.Tensor, first_row: int, basis: torch.Tensor, *, rows_total: int) -> torch.Tensor:
-    """``|(a V) V^T|`` for rows ``first_row ...`` of the oriented matrix, float32.
+    """``|(a V) V^T|`` for rows ``first_row ...`` of the oriented matrix, float64.
 
     Computed in float64 chunks of ``CHUNK_ROWS`` rows aligned to the global row
     index (zero rows elsewhere), so each row's result does not depend on which
     other rows a process holds.
     """
     count, r = a.shape
-    out = torch.empty((count, r), dtype=torch.float32, device=a.device)
+    out = torch.empty((count, r), dtype=torch.float64, device=a.device)
     if count == 0:
         return out
     R = CHUNK_ROWS
@@ -137,21 +139,21 @@ def project_rows(a: torch.Tensor, first_row: int, basis: torch.Tensor, *, rows_t
         chunk.zero_()
         chunk[lo - c * R : hi - c * R] = a[lo - first_row : hi - first_row]
         projected = (chunk @ basis) @ basis.T
-        out[lo - first_row : hi - first_row] = projected[lo - c * R : hi - c * R].to(torch.float32).abs()
+        out[lo - first_row : hi - first_row] = projected[lo - c * R : hi - c * R].abs()
     return out
 
 
 def principal_scores(w0: torch.Tensor, rank: int) -> torch.Tensor:
-    """``|rank-k reconstruction of W0|`` in float32, partition-invariant (see module doc).
+    """``|rank-k reconstruction of W0|`` in float64, partition-invariant (see module doc).
 
     ``w0``: (m, n) finite floating tensor of bf16 values. ``rank >= min(m, n)``
     gives ``|W0|`` itself (exact); ``rank <= 0`` gives zeros.
     """
     m, n = w0.shape
     if rank <= 0 or m == 0 or n == 0:
-        return torch.zeros((m, n), dtype=torch.float32, device=w0.device)
+        return torch.zeros((m, n), dtype=torch.float64, device=w0.device)
     if rank >= min(m, n):
-        return w0.detach().to(torch.float32).abs()
+        return w0.detach().to(torch.float64).abs()
     a = w0.detach().double()
     if m < n:
         a = a.T

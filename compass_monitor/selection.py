@@ -28,6 +28,7 @@ from torch import nn
 
 from .canonical_views import canonical_view, is_tuner_layer, lora_effective, lora_trainable, storage_layout, unwrapped_modules
 from .config import MonitorConfig
+from .matrix_spec import ROLES, MatrixSpec
 from .module_types import USER_MAP_FIELD, FusedPart, HeadGeometry, classify, fused_parts
 
 __all__ = [
@@ -39,11 +40,11 @@ __all__ = [
     "select_parameters",
     "module_type_of",
     "layer_index_of",
+    "ROLES",
 ]
 
 log = logging.getLogger(__name__)
 
-ROLES = ("linear", "embedding", "lm_head", "norm", "bias")
 _ATTENTION = {"q": "heads", "k": "kv_heads", "v": "kv_heads", "o": "heads", "cross_q": "heads", "cross_k": "heads",
               "cross_v": "heads", "cross_o": "heads"}  # fmt: skip
 
@@ -52,37 +53,12 @@ class SelectionError(ValueError):
     """The model offers no parameter that the configuration selects, or one it cannot read (the message says which)."""
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """A monitored matrix.
-
-    Attributes:
-        name: the unwrapped model's ``state_dict`` key; a logical part of a
-            fused or expert tensor is ``<key>[<part>]`` (``[q]``, ``[gate]``, ``[3]``, ``[3.up]``).
-        role: one of ``linear``, ``embedding``, ``lm_head``, ``norm``, ``bias``.
-        module_type: see :data:`compass_monitor.module_types.MODULE_TYPES`; the role for other roles.
-        layer: the block index parsed from the name, or -1.
-        shape: the matrix shape as measured, (out_features, in_features); 1-D parameters are 1 x n.
-        extra: JSON facts: ``source`` (the tensor's ``state_dict`` key), ``layout``
-            (``out_in``/``in_out``: how the source stores it), ``rows`` (row blocks
-            ``[start, stop)`` of the source a fused part takes), ``expert``,
-            ``heads`` and ``head_dim`` (attention matrices, from the model's config),
-            ``adapter`` (``lora``: the effective weight of a LoRA layer).
-    """
-
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.extra.get(key, default)
+#: A selected matrix is recorded as the monitor's one matrix record. Its ``extra`` facts: ``source`` (the
+#: tensor's ``state_dict`` key), ``layout`` (``out_in``/``in_out``: how the source stores it), ``rows`` (row
+#: blocks ``[start, stop)`` of the source a fused part takes), ``expert``, ``heads`` and ``head_dim``
+#: (attention matrices, from the model's config), ``adapter`` (``lora``: the effective weight of a LoRA layer).
+#: A logical part of a fused or expert tensor is named ``<key>[<part>]`` (``[q]``, ``[gate]``, ``[3]``, ``[3.up]``).
+ParamSpec = MatrixSpec
 
 
 @dataclass(frozen=True)
@@ -92,7 +68,8 @@ class SelectedMatrix:
     Attributes:
         spec: what it is.
         source: the parameter that holds it (the base weight of a LoRA layer).
-        matrix: returns its current values as a (m, n) tensor (a view where possible).
+        matrix: returns its current values as a (m, n) tensor (a view where possible; a 1-D
+            parameter as stored, its n values measured as 1 x n).
         plain: ``matrix()`` is ``source`` itself, unsliced and untransposed (a shard of
             ``source`` is then a shard of the matrix).
     """
@@ -250,8 +227,8 @@ class _Selector:
         trainable, reason = self.trainable(sources)
         if role != "linear":
             shape = tuple(param.shape) if param.dim() == 2 else (1, param.numel())
-            spec = ParamSpec(full, role, role, layer_index_of(full), (int(shape[0]), int(shape[1])), {"source": full})
-            self.add(spec, param, lambda p=param: p.detach().reshape(spec.shape), True, trainable, reason)
+            spec = ParamSpec(full, role, role, layer_index_of(full), (int(shape[0]), int(shape[1])), extra={"source": full})
+            self.add(spec, param, lambda p=param: p.detach(), True, trainable, reason)  # 1-D: n values, measured as 1 x n
             return
         self.add_linear(module_name, module, full, param, tuner, trainable, reason)
 
@@ -290,7 +267,7 @@ class _Selector:
                 if part is not None:
                     facts["rows"] = part.blocks()
                 facts.update(_head_facts(part_kind, rows, cols, self.geometry))
-                spec = ParamSpec(name, "linear", part_kind, layer_index_of(full), (int(rows), int(cols)), facts)
+                spec = ParamSpec(name, "linear", part_kind, layer_index_of(full), (int(rows), int(cols)), extra=facts)
                 view = canonical_view(storage, layout=layout, expert=expert, part=part)
                 plain = tuner is None and layout == "out_in" and expert is None and part is None
                 self.add(spec, param, view, plain, trainable, reason)

@@ -47,6 +47,7 @@ __all__ = [
     "LocalShard",
     "ShardLayout",
     "ShardingError",
+    "ShapeChangedError",
     "discover_shards",
     "whole_shards",
     "whole_layout",
@@ -140,11 +141,22 @@ def _dist():
     return dist
 
 
-def _whole(matrix: SelectedMatrix, *, contributes: bool = True, layout: str = "whole") -> LocalShard:
-    def values(view=matrix.matrix) -> torch.Tensor:
-        return view().reshape(-1)
+class ShapeChangedError(ShardingError):
+    """A monitored parameter no longer has the shape it had when the base was taken."""
 
+
+def _whole(matrix: SelectedMatrix, *, contributes: bool = True, layout: str = "whole") -> LocalShard:
     spec = matrix.spec
+
+    def values(view=matrix.matrix) -> torch.Tensor:
+        t = view()
+        if t.numel() != spec.numel or (t.dim() == 2 and tuple(t.shape) != spec.shape):
+            raise ShapeChangedError(
+                f"parameter {spec.name!r} has shape {tuple(t.shape)} but had {spec.shape} when the base "
+                "was taken; a resized parameter cannot be compared with its base. Start a new run store."
+            )
+        return t.reshape(-1)
+
     return LocalShard(spec=spec, start=0, numel=spec.numel, contributes=contributes, layout=layout, values=values)
 
 

@@ -202,7 +202,7 @@ def main() -> None:
             worker.save_checkpoint(CKPT_DIR, global_step=2)
     session = worker._compass_session
     seen["monitor_step"] = session.monitor.step
-    seen["monitor_class"] = type(session.monitor).__name__
+    seen["monitor_sharding"] = session.monitor.probe.layout.kind
     if PHASE == "resume":
         session.close()  # on every rank: the last steps' collectives
         weights = {k: v.full_tensor().to(torch.bfloat16) for k, v in worker.engine.module.state_dict().items()}

@@ -217,7 +217,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable[..., An
         dist.destroy_process_group()
 
 
-_PRELOAD = ["torch", "torch._dynamo", "torch.distributed.fsdp", "torch.distributed.tensor", "zarr", "numpy", "compass_monitor.sharded_monitor", "dist_helpers"]
+_PRELOAD = ["torch", "torch._dynamo", "torch.distributed.fsdp", "torch.distributed.tensor", "zarr", "numpy", "compass_monitor.monitor", "dist_helpers"]
 
 
 def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 300.0) -> list[Any]:
@@ -257,7 +257,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 300.0
 
 
 class ThreadComm:
-    """The ``distributed.Comm`` interface for W ranks simulated by W threads of one process.
+    """The ``collectives.Comm`` interface for W ranks simulated by W threads of one process.
 
     Collectives meet at a barrier; sums are taken in rank order. Fast enough to
     check the sharded math on many random partitions (the multi-process tests
@@ -280,7 +280,7 @@ class ThreadComm:
         return values
 
     def _note(self, op, tensor=None, nbytes=None):
-        from compass_monitor.distributed import CommRecord
+        from compass_monitor.collectives import CommRecord
 
         size = nbytes if nbytes is not None else tensor.numel() * tensor.element_size()
         self.records.append(CommRecord(self.phase, op, str(tensor.dtype) if tensor is not None else "object", int(size)))

@@ -4,7 +4,7 @@ Triton chooses the interpreter when it is imported and its functions decorated,
 so these cases run in their own pytest process with ``TRITON_INTERPRET=1`` (the
 file is not named ``test_*`` and is not collected by the main run). Each case
 compares the kernel on CPU tensors, bit for bit, with the probe's own numpy
-measurement (``distributed._measure_range(backend="numpy")``, i.e.
+measurement (``matrix_probe.measure_range(backend="numpy")``, i.e.
 ``matrix_probe.changed_np`` / ``counts_np`` and ``pack_aligned``) on odd shapes,
 edge values (+-0, subnormals, NaN, Inf, fp32 halfway between bf16 neighbours)
 and row-sharded / mid-row / mid-byte ranges. The interpreter is slow: shapes stay small.
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from compass_monitor import kernels  # noqa: E402
 from compass_monitor.bf16 import bf16_bits, canonical_bits  # noqa: E402
-from compass_monitor.distributed import _measure_range  # noqa: E402
+from compass_monitor.matrix_probe import measure_range as _measure_range  # noqa: E402
 from compass_monitor.kernels import triton_mask  # noqa: E402
 from compass_monitor.matrix_probe import changed_np, counts_np  # noqa: E402
 

@@ -7,10 +7,9 @@ another process, also after the writer was killed) without a log of contents.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from compass_monitor.matrix_spec import MatrixSpec
 from compass_monitor.store.schema import COUNT_FIELDS
 from compass_monitor.store.writer import SnapshotRecord
 
@@ -18,19 +17,8 @@ from compass_monitor.store.writer import SnapshotRecord
 SHAPES = ((37, 29), (64, 48), (1, 130), (16, 16))
 
 
-@dataclass(frozen=True)
-class Spec:
-    """A parameter as RunWriter.create wants it."""
-
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
-
-
-def specs(shapes=SHAPES) -> list[Spec]:
-    return [Spec(f"layers.{i}.proj.weight", "linear", "other", i, tuple(s)) for i, s in enumerate(shapes)]
+def specs(shapes=SHAPES) -> list[MatrixSpec]:
+    return [MatrixSpec(f"layers.{i}.proj.weight", "linear", "other", i, tuple(s), index=i) for i, s in enumerate(shapes)]
 
 
 def masks(seed: int, count: int, shapes=SHAPES) -> list[list[np.ndarray]]:

@@ -34,7 +34,8 @@ import zarr
 
 from compass_monitor import CompassMonitor, MonitorConfig, open_run
 from compass_monitor.bf16 import bf16_bits, canonical_bits
-from compass_monitor.distributed import _measure_range, pack_aligned
+from compass_monitor.matrix_probe import measure_range as _measure_range
+from compass_monitor.shard_geometry import pack_aligned
 
 DEVICE = os.environ.get("COMPASS_PARITY_DEVICE", "cuda")
 DRY_RUN = DEVICE == "cpu"
@@ -275,8 +276,6 @@ def test_sharded_one_rank_nccl_equals_the_cpu(tmp_path, rng):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from compass_monitor.sharded_monitor import ShardedMonitor
-
     backend = "gloo" if DRY_RUN else "nccl"
     if not DRY_RUN:
         torch.cuda.set_device(0)
@@ -292,8 +291,8 @@ def test_sharded_one_rank_nccl_equals_the_cpu(tmp_path, rng):
             return model
 
         def monitor(model, path, config):
-            result = ShardedMonitor(model, path, config=config)
-            assert result.core.layout.kind == "fsdp2", result.core.layout.kind
+            result = CompassMonitor(model, path, config=config)
+            assert result.probe.layout.kind == "fsdp2", result.probe.layout.kind
             if not DRY_RUN:
                 assert result.comm.device.type == "cuda"  # the NCCL collectives run on the device
             return result

@@ -118,7 +118,7 @@ def test_plugin_on_verls_fsdp_engine_with_checkpoint_resume(tmp_path, world_size
     if world_size > 1:
         assert seen["resume"]["local_rows"]["model.layers.0.mlp.up_proj.weight"] == 64 // world_size  # really sharded
     assert seen["first"]["monitor_step"] == 6 and seen["resume"]["monitor_step"] == 8
-    assert seen["first"]["monitor_class"] == seen["resume"]["monitor_class"] == "ShardedMonitor"
+    assert seen["first"]["monitor_sharding"] == seen["resume"]["monitor_sharding"] == "fsdp2"
     assert json.loads((ckpt / "compass_monitor.json").read_text())["step"] == 4
 
     run = open_run(run_dir)

@@ -1,4 +1,4 @@
-"""capture_base / measure / base_fingerprint / as_matrix against a numpy reference.
+"""The probe on one whole matrix (capture_base / measure, world size 1) and base_fingerprint against a numpy reference.
 
 The reference is written out here: bf16 rounding by round-to-nearest-even on
 the fp32 bits, the paper's changed rule ``|w'-w| > 1e-3 max(|w|,|w'|)`` in
@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from compass_monitor.matrix_probe import ShapeChangedError, as_matrix, base_fingerprint, capture_base, measure
-from compass_monitor.reference_masks import select_count
+from compass_monitor.exact_selection import select_count
+from compass_monitor.matrix_probe import base_fingerprint
+from compass_monitor.sharding import ShapeChangedError, _whole
+from whole_probe import capture_base, measure
 from compass_monitor.selection import ParamSpec
 
 P31 = 2**31 - 1
@@ -389,14 +391,14 @@ def test_capture_fingerprint_ignores_zero_sign(rng):
 # ----------------------------------------------------------------------------- shapes
 
 
-def test_as_matrix_and_shape_changes(rng):
+def test_shape_changes_are_refused(rng):
     spec = ParamSpec(name="w", role="linear", module_type="other", layer=-1, shape=(13, 7))
     w = torch.from_numpy(rng.standard_normal((13, 7)).astype(np.float32))
-    assert as_matrix(w, spec).shape == (13, 7)
-    assert torch.equal(as_matrix(w.reshape(-1), spec), w)  # a flat view of the same numel is accepted
+    assert torch.equal(_whole(spec, w).local(), w.reshape(-1))
+    assert torch.equal(_whole(spec, w.reshape(-1)).local(), w.reshape(-1))  # a flat view of the same numel is accepted
     for bad in (torch.zeros(7, 13), torch.zeros(13, 8), torch.zeros(1, 91), torch.zeros(90), torch.zeros(13, 7, 1)[..., :0]):
         with pytest.raises(ShapeChangedError):
-            as_matrix(bad, spec)
+            _whole(spec, bad).local()
     state, *_ = capture_base(spec, w, rank=2, alpha=0.5)
     for backend in BACKENDS:
         with pytest.raises(ShapeChangedError):
@@ -413,3 +415,34 @@ def test_empty_matrix(backend):
     result = measure(state, torch.zeros(0, 5), backend=backend)
     assert result.counts.tolist() == [0] * 6
     assert result.rows.shape == (0,) and result.cols.tolist() == [0] * 5 and result.packed.numel() == 0
+
+
+def test_a_failing_fused_kernel_falls_back_to_torch_once(rng, monkeypatch, caplog):
+    """A kernel that cannot compile or launch on the user's GPU must not end the monitor: the range is measured
+    with plain torch ops, the failure is logged once, and the kernel is not tried again for that range."""
+    import logging
+
+    import compass_monitor.matrix_probe as matrix_probe
+
+    calls = []
+
+    def broken(state, shape):
+        calls.append(shape)
+        raise RuntimeError("ptxas fatal: unsupported gpu architecture")
+
+    spec = ParamSpec(name="layers.0.q_proj.weight", role="linear", module_type="q", layer=0, shape=(9, 13))
+    base_codes = make_base(rng, (9, 13))
+    state, *_ = capture_base(spec, to_bf16_tensor(base_codes), rank=2, alpha=0.5)
+    wt = drift(rng, base_codes, inject=False)
+    expected = measure(state, torch.from_numpy(wt), backend="numpy")
+    state.previous_packed = torch.zeros_like(state.previous_packed)
+    monkeypatch.setattr(matrix_probe, "fused_available", lambda device: True)
+    monkeypatch.setattr(matrix_probe, "fused_measure_range", broken)
+    with caplog.at_level(logging.WARNING, logger="compass_monitor"):
+        first = measure(state, torch.from_numpy(wt))
+        state.previous_packed = torch.zeros_like(state.previous_packed)
+        second = measure(state, torch.from_numpy(wt))
+    assert len(calls) == 1 and caplog.text.count("fused mask kernel failed") == 1
+    for got in (first, second):
+        assert got.counts.tolist() == expected.counts.tolist()
+        assert torch.equal(got.packed, expected.packed) and torch.equal(got.rows, expected.rows)

@@ -15,7 +15,7 @@ import torch
 from scipy.special import ndtr
 
 from compass_monitor.precision_null import NUM_CLASSES, class_counts, class_half_gaps, null_overlaps, spacing_class
-from compass_monitor.reference_masks import low_magnitude_mask, principal_mask
+from references import low_magnitude_mask, principal_mask
 
 MAX_FINITE_MAG = 0x7F7F
 

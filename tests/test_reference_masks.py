@@ -15,13 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from compass_monitor.reference_masks import (
-    low_magnitude_mask,
-    low_rank_reconstruction,
-    principal_mask,
-    select_count,
-    top_count_mask,
-)
+from compass_monitor.exact_selection import select_count, top_count_mask
+from references import low_magnitude_mask, low_rank_reconstruction, principal_mask
 
 EPS32 = float(np.finfo(np.float32).eps)
 

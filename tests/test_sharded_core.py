@@ -1,9 +1,10 @@
-"""The sharded core on simulated ranks (threads of this process): any partition of any
+"""The probe on simulated ranks (threads of this process): any partition of any
 matrix into flat ranges gives exactly the single-process base and snapshots.
 
 Partitions are random: row blocks (FSDP2 Shard(0)), mid-row cuts (FSDP1 flat
 shards), empty ranges, and non-contributing replicas (HSDP). The reference is
-the single-process code path (``matrix_probe.capture_base`` / ``measure``).
+the probe on each whole matrix in one process (``whole_probe``), itself checked
+against numpy references in ``test_matrix_probe.py``.
 The real gloo collectives are exercised by ``test_sharded_dist.py``.
 """
 
@@ -14,14 +15,9 @@ import pytest
 import torch
 
 from compass_monitor import MonitorConfig
-from compass_monitor.distributed import (
-    ShardedCore,
-    aligned_nbytes,
-    fingerprint_partial,
-    pack_aligned,
-    radix_select,
-)
-from compass_monitor.matrix_probe import base_fingerprint, capture_base, measure
+from compass_monitor.exact_selection import radix_select, select_count, top_count_mask
+from compass_monitor.matrix_probe import base_fingerprint, fingerprint_partial
+from compass_monitor.probe import ShardProbe
 from compass_monitor.principal import (
     gram_from_parts,
     gram_parts,
@@ -31,11 +27,12 @@ from compass_monitor.principal import (
     scale_exponent,
     top_basis,
 )
-from compass_monitor.reference_masks import low_magnitude_mask, select_count, top_count_mask
+from compass_monitor.shard_geometry import aligned_nbytes, pack_aligned, slice_aligned
 from compass_monitor.selection import ParamSpec
-from compass_monitor.sharded_resume import slice_aligned
 from compass_monitor.sharding import LocalShard, ShardLayout
 from dist_helpers import ThreadHub
+from references import low_magnitude_mask
+from whole_probe import capture_base, measure
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -97,7 +94,7 @@ SHAPES = [(29, 13), (13, 29), (2, 7), (1, 40), (40, 1), (31, 17), (7, 300), (300
 
 @pytest.mark.parametrize(
     "world, kind, backend, group",
-    [(2, "rows", "auto", None), (3, "rows", "auto", None), (5, "rows", "auto", None), (2, "flat", "auto", None),
+    [(1, "rows", "auto", None), (1, "rows", "torch", None), (2, "rows", "auto", None), (3, "rows", "auto", None), (5, "rows", "auto", None), (2, "flat", "auto", None),
      (3, "flat", "auto", None), (5, "flat", "auto", None), (3, "rows", "torch", None), (3, "flat", "torch", None),
      (3, "flat", "auto", 200)],
 )
@@ -105,9 +102,9 @@ def test_random_partitions_equal_single_process(rng, monkeypatch, world, kind, b
     """backend="torch" runs the accelerator code path (torch ops, one host copy per kind) on the CPU;
     group=200 computes the base a few matrices at a time."""
     if group is not None:
-        import compass_monitor.distributed as distributed
+        import compass_monitor.probe as probe
 
-        monkeypatch.setattr(distributed, "BASE_GROUP_ELEMENTS", group)
+        monkeypatch.setattr(probe, "BASE_GROUP_ELEMENTS", group)
     config = MonitorConfig(principal_rank=3, alpha=float(rng.choice([0.5, rng.uniform(0.1, 0.9)])))
     specs_tensors = []
     for i, (m, n) in enumerate(SHAPES):
@@ -120,20 +117,20 @@ def test_random_partitions_equal_single_process(rng, monkeypatch, world, kind, b
     hub = ThreadHub(world * replicas)
 
     def base(comm):
-        core = ShardedCore(layouts[comm.rank], config, comm=comm)
+        core = ShardProbe(layouts[comm.rank], config, comm=comm)
         return core, core.capture_base(want_codes=True)
 
     results = hub.run(base)
     got = results[0][1]
     for p, (state, cc, fp, bad) in enumerate(reference):
-        np.testing.assert_array_equal(got["reference_packed"][p], state.reference_packed.numpy(), err_msg=f"reference masks of {p}")
-        np.testing.assert_array_equal(got["class_counts"][p], cc)
-        np.testing.assert_array_equal(got["fingerprints"][p], fp)
-        np.testing.assert_array_equal(got["base_codes"][p], state.base_bits.numpy().reshape(-1))
-        assert got["nonfinite"][p] == bad
+        np.testing.assert_array_equal(got.reference_packed[p], state.reference_packed.numpy(), err_msg=f"reference masks of {p}")
+        np.testing.assert_array_equal(got.class_counts[p], cc)
+        np.testing.assert_array_equal(got.fingerprints[p], fp)
+        np.testing.assert_array_equal(got.base_codes[p], state.base_bits.numpy().reshape(-1))
+        assert got.nonfinite[p] == bad
     for r in range(1, world * replicas):  # every rank holds the same global numbers
-        np.testing.assert_array_equal(results[r][1]["class_counts"], got["class_counts"])
-        assert results[r][1]["reference_packed"] is None
+        np.testing.assert_array_equal(results[r][1].class_counts, got.class_counts)
+        assert results[r][1].reference_packed is None
 
     cores = [r[0] for r in results]
     for core in cores:
@@ -228,7 +225,7 @@ def test_low_mask_partitioned(rng):
     config = MonitorConfig(principal_rank=64, alpha=0.3)
 
     def run(comm):
-        return ShardedCore(layouts[comm.rank], config, comm=comm).capture_base()["reference_packed"]
+        return ShardProbe(layouts[comm.rank], config, comm=comm).capture_base().reference_packed
 
     ref = ThreadHub(3).run(run)[0][0]
     low = low_magnitude_mask(w, 0.3)
@@ -270,4 +267,4 @@ def test_gaps_and_overlaps_are_refused(rng):
     for cuts, what in ([[(0, 10), (12, 18)], "gap"], [[(0, 16), (12, 18)], "overlap"]):
         layouts = make_layouts([(spec, w)], [cuts], 2)
         with pytest.raises(ShardingError, match="q_proj.weight"):
-            ThreadHub(2).run(lambda comm: ShardedCore(layouts[comm.rank], config, comm=comm))
+            ThreadHub(2).run(lambda comm: ShardProbe(layouts[comm.rank], config, comm=comm))

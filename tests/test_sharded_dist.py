@@ -64,8 +64,6 @@ def _build(kind: str):
 def _scenario(
     rank: int, kind: str, path: Path, *, count: H.CollectiveCounter | None = None, skip_at: int | None = None, spectral: bool = False
 ) -> dict:
-    from compass_monitor.sharded_monitor import ShardedMonitor
-
     model = _build(kind)
     extra = SPECTRAL if spectral else {}
     config = MonitorConfig(**CONFIG, **extra, when_queue_full="skip") if skip_at else MonitorConfig(**CONFIG, **extra)
@@ -92,10 +90,10 @@ def _scenario(
     scalars = monitor.latest_scalars()
     monitor.close()
     weights = {k: v.numpy() for k, v in H.full_state(model).items()}
-    core = monitor.core
+    core = monitor.probe
     return {
         "type": type(monitor).__name__,
-        "is_sharded": isinstance(monitor, ShardedMonitor),
+        "is_sharded": monitor.world_size > 1 and monitor.probe.layout.kind != "plain",
         "disabled": monitor.disabled_reason,
         "scalars": scalars,
         "weights": weights if rank == 0 else None,
@@ -113,7 +111,7 @@ def _scenario(
 
 def _failure(rank: int, path: Path) -> dict:
     """Rank 1 fails to measure at the second snapshot: every rank disables itself there; training goes on."""
-    from compass_monitor.distributed import LocalSnapshot
+    from compass_monitor.probe import LocalSnapshot
 
     model = _build("fsdp2")
     monitor = CompassMonitor(model, path, config=MonitorConfig(**CONFIG))
@@ -122,7 +120,7 @@ def _failure(rank: int, path: Path) -> dict:
     H.train_steps(model, optimizer, H.batches(3), rank=rank)
     if rank == 1:
         P = len(monitor.specs)
-        monitor.core.measure = lambda: LocalSnapshot(counts=np.zeros((P, 6), np.int64), payload=np.zeros(0, np.uint8), error="rank 1: injected failure")
+        monitor.probe.measure = lambda: LocalSnapshot(counts=np.zeros((P, 6), np.int64), error="rank 1: injected failure")
     H.train_steps(model, optimizer, H.batches(4)[3:], rank=rank)  # step 4 snapshots
     enabled_after = monitor.enabled
     H.train_steps(model, optimizer, H.batches(3), rank=rank)  # training continues, the monitor stays out
@@ -380,7 +378,7 @@ def test_every_rank_reports_the_same_scalars(runs):
 def test_resume_on_another_world_size(runs):
     root, weights, two, three = runs
     result = three[0]["resume"]
-    assert result == {"type": "ShardedMonitor", "disabled": None, "world": 3}
+    assert result == {"type": "CompassMonitor", "disabled": None, "world": 3}
     assert_same_store(root / "single8", root / "resume")
     run = open_run(root / "resume")
     assert run.steps.tolist() == [2, 4, 6, 8]

@@ -36,7 +36,7 @@ from compass_monitor.tui.timeline import Timeline
 
 
 def info(index: int, name: str, kind: str, layer: int, shape=(64, 64), role: str = "linear") -> ParamInfo:
-    return ParamInfo(index, f"p{index:04d}", name, role, kind, layer, shape)
+    return ParamInfo(name, role, kind, layer, shape, index=index)
 
 
 PARAMS = [

@@ -30,7 +30,7 @@ from ..monitor import CompassMonitor
 from ..selection import ParamSpec
 from .discovery import CheckpointRef
 from .errors import CheckpointError
-from .layout import CheckpointCursor, LazyMatrices, ModuleStandIn, build_layout
+from .layout import CheckpointCursor, build_layout
 from .series import TensorSource, check_series, open_checkpoint
 
 __all__ = ["DiffResult", "diff_checkpoints"]
@@ -79,31 +79,10 @@ class _Progress:
             self._bar = None
 
 
-class _StandInMonitor(CompassMonitor):
-    """Today's model-taking monitor over a shape-only stand-in, reading every matrix lazily from the cursor."""
-
-    def __init__(self, model: ModuleStandIn, run_dir: Path, *, cursor: CheckpointCursor, **kwargs: Any) -> None:
-        self._cursor = cursor
-        super().__init__(model, run_dir, **kwargs)
-
-    def _capture_base(self):  # type: ignore[override]
-        self._params = LazyMatrices(self.specs, self._cursor)  # the stand-in's meta parameters hold no data
-        return super()._capture_base()
-
-
 def _monitor(specs: list[ParamSpec], cursor: CheckpointCursor, run_dir: Path, config: MonitorConfig, *, run_name: str | None, metadata: dict[str, Any], model_class: str) -> CompassMonitor:
-    """A monitor over the lazily loaded layout (``CompassMonitor.from_layout``; until the monitor has it, a stand-in)."""
-    from_layout = getattr(CompassMonitor, "from_layout", None)
-    if from_layout is not None:
-        layout = build_layout(specs, cursor, facts={"source": "checkpoints"})
-        return from_layout(layout, run_dir, config=config, run_name=run_name, metadata=metadata, model_class=model_class)
-    # Named after the checkpoint's architecture: the monitor records the model's class name.
-    stand_in = type(model_class or "ModuleStandIn", (ModuleStandIn,), {})(specs)
-    monitor = _StandInMonitor(stand_in, run_dir, cursor=cursor, config=config, run_name=run_name, metadata=metadata)
-    if {s.name for s in monitor.specs} != {s.name for s in specs}:  # the stand-in must select exactly the checkpoint's matrices
-        monitor.close()
-        raise CheckpointError("internal: the monitor selected other matrices than the checkpoint's; please report this")
-    return monitor
+    """A monitor over the series' lazily loaded layout; its base is read now, from the cursor's checkpoint."""
+    layout = build_layout(specs, cursor, facts={"source": "checkpoints", "base": str(cursor.source.path)})
+    return CompassMonitor.from_layout(layout, run_dir, config=config, run_name=run_name, metadata=metadata, model_class=model_class)
 
 
 def diff_checkpoints(
@@ -159,7 +138,8 @@ def diff_checkpoints(
     bar.start("base", len(specs))
     monitor = _monitor(specs, cursor, Path(run_dir), config, run_name=run_name, metadata=facts, model_class=(base_source.architectures or ("",))[0])
     seconds["base"] = time.perf_counter() - began
-    log.info("compass-monitor diff: base %s captured: %d matrices in %.1fs", base_source.path, len(specs), seconds["base"])
+    if not bar.tty:  # on a terminal the bar says it
+        log.info("compass-monitor diff: base %s captured: %d matrices in %.1fs", base_source.path, len(specs), seconds["base"])
     done = 0
     try:
         for i, ref in enumerate(checkpoints):

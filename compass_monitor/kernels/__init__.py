@@ -1,7 +1,7 @@
 """Fused accelerator kernels for the monitor's hot path (the per-snapshot mask pass).
 
 :func:`fused_measure_range` is a drop-in for the torch branch of the probe's
-range measurement (``distributed._measure_range``): same inputs, same outputs,
+range measurement (``matrix_probe.measure_range``): same inputs, same outputs,
 bit for bit, in one Triton kernel launch plus one memset per range instead of
 a dozen elementwise passes. :func:`fused_available` says whether it applies to
 a device: CUDA (or ROCm, which torch also calls ``cuda``) with Triton
@@ -41,7 +41,7 @@ def __getattr__(name: str) -> Any:
 
 
 def fused_measure_range(state: Any, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The torch branch of ``distributed._measure_range`` as one fused pass.
+    """The torch branch of ``matrix_probe.measure_range`` as one fused pass.
 
     Args:
         state: a ``ShardState`` (``shard.local()`` gives the current 1-D values of

@@ -5,8 +5,8 @@ as ``Tensor.to(torch.bfloat16)`` does, or bf16 codes) and the canonical bf16
 base codes once, and writes the packed changed mask (``np.packbits`` order over
 the global flat index), the row and column change counts and the count fields
 (``schema.COUNT_FIELDS``). The semantics, bit for bit, are those of
-``matrix_probe.changed_np`` / ``counts_np`` and of the probe's range measurement
-(``_measure_range``) for a flat range ``[start, start + numel)`` of an ``(m, n)`` matrix.
+``matrix_probe.changed_np`` / ``counts_np`` and of ``matrix_probe.measure_range``
+for a flat range ``[start, start + numel)`` of an ``(m, n)`` matrix.
 
 Kernels:
 

@@ -39,7 +39,7 @@ from typing import Any
 from . import schema
 from .commit import writer_alive, writer_identity
 
-__all__ = ["WriterLock", "lock_owner"]
+__all__ = ["WriterLock", "lock_owner", "locked_by_another"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,38 @@ def _describe(owner: dict[str, Any] | None) -> str:
     if isinstance(since, (int, float)):
         when = f", {owner.get('purpose', 'writing')} since " + _dt.datetime.fromtimestamp(since, _dt.timezone.utc).strftime("%H:%M:%S UTC")
     return f"pid {owner.get('pid')} on host {owner.get('host')}{when}"
+
+
+def _locked_error(root: Path, owner: dict[str, Any] | None) -> schema.StoreLockedError:
+    return schema.StoreLockedError(
+        f"{root}: another writer holds this run store ({_describe(owner)}); two writers would corrupt it. "
+        "Wait for it to finish or stop it, or choose another run directory; nothing was written."
+    )
+
+
+def locked_by_another(root: Path | str) -> schema.StoreLockedError | None:
+    """The refusal to give if another process holds the store's writer lock now, else None. Writes nothing.
+
+    Probes with a shared, non-blocking ``flock`` on the lock file (released at once).
+    """
+    root = Path(root)
+    with _HELD_LOCK:
+        held = _HELD.get(os.path.realpath(root))
+    if held is not None and held._fd is not None:
+        return None  # this process's own writer: its caller decides
+    try:
+        fd = os.open(root / schema.LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _locked_error(root, _wait_for_owner(root))
+    except OSError:
+        return None  # no file locks here: acquire() decides from the recorded owner
+    finally:
+        os.close(fd)
+    return None
 
 
 class WriterLock:
@@ -128,11 +160,7 @@ class WriterLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                owner = _wait_for_owner(root)
-                raise schema.StoreLockedError(
-                    f"{root}: another writer holds this run store ({_describe(owner)}); two writers would corrupt it. "
-                    "Wait for it to finish or stop it, or choose another run directory; nothing was written."
-                ) from None
+                raise _locked_error(root, _wait_for_owner(root)) from None
             except OSError as exc:
                 if exc.errno not in _UNSUPPORTED:
                     os.close(fd)

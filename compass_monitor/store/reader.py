@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from ..matrix_spec import MatrixSpec
 from . import codec, schema
 from .commit import liveness, read_commit, writer_alive
 
@@ -32,26 +33,8 @@ __all__ = ["ParamInfo", "Run", "open_run", "reconstruct_packed"]
 _PROFILE_CACHE = 64  # per-matrix series (rows, cols, previews) kept in memory
 
 
-@dataclass(frozen=True)
-class ParamInfo:
-    """A monitored parameter as recorded in the store."""
-
-    index: int
-    id: str
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
-    #: optional facts recorded with the matrix (``source``, ``layout``, ``rows``, ``heads``, ``head_dim``, ...)
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.extra.get(key, default)
+#: The store's record of a monitored matrix is the one record the monitor uses.
+ParamInfo = MatrixSpec
 
 
 def _open_group(root: Path) -> tuple[zarr.Group, dict[str, Any]]:
@@ -113,10 +96,7 @@ class Run:
         self._group = group
         self.attrs = attrs
         self.params = [
-            ParamInfo(
-                i, p["id"], p["name"], p["role"], p["module_type"], int(p["layer"]), (int(p["shape"][0]), int(p["shape"][1])),
-                {k: v for k, v in p.items() if k not in ("id", "name", "role", "module_type", "layer", "shape")},
-            )
+            MatrixSpec.from_record(i, p)
             for i, p in enumerate(attrs["params"])
         ]
         self._by_name = {p.name: p for p in self.params}

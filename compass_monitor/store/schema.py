@@ -71,9 +71,7 @@ COUNTS = "metrics/counts"
 NULL_OVERLAP = "metrics/null_overlap"
 
 
-def param_id(index: int) -> str:
-    """Store id of the index-th monitored parameter."""
-    return f"p{index:04d}"
+from ..matrix_spec import param_id  # noqa: E402  (re-exported: the store's ids)
 
 
 class StoreError(RuntimeError):

@@ -27,15 +27,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from ..matrix_spec import MatrixSpec
 from . import codec, schema
 from .commit import read_commit, write_commit, write_json_atomic, writer_identity
-from .lock import WriterLock
+from .lock import WriterLock, locked_by_another
 from .row_chunks import RowChunks
 
 __all__ = ["RunWriter", "SnapshotRecord", "check_target_free", "check_no_symlinks", "DEFAULT_KEY_INTERVAL"]
@@ -49,14 +50,6 @@ DEFAULT_KEY_INTERVAL = 32
 # Rows of a base-weight chunk: about 2**21 int16 values (4 MiB before compression).
 _BASE_CHUNK_VALUES = 1 << 21
 _HISTORY_LIMIT = 200
-
-
-class _Param(Protocol):
-    name: str
-    role: str
-    module_type: str
-    layer: int
-    shape: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -98,6 +91,9 @@ def check_target_free(path: Path) -> None:
     entries = [e for e in os.listdir(path) if e != schema.LOCK_FILE and not _is_temporary(e)]
     if entries:
         if (path / "zarr.json").exists() or (path / schema.COMMIT_FILE).exists():
+            locked = locked_by_another(path)
+            if locked is not None:  # a live writer: name it (two creators racing, or a run in progress)
+                raise locked
             raise schema.StoreExistsError(
                 f"{path} already holds a run store; choose a new run directory, or pass resume=True to "
                 "continue it (nothing was written, the existing run is untouched)"
@@ -216,7 +212,7 @@ class RunWriter:
         cls,
         path: str | os.PathLike[str],
         *,
-        params: list[_Param],
+        params: list[MatrixSpec],
         attributes: dict[str, Any],
         key_interval: int = DEFAULT_KEY_INTERVAL,
     ) -> "RunWriter":
@@ -273,19 +269,7 @@ class RunWriter:
         group_attributes = {
             "format": schema.FORMAT_NAME,
             "schema_version": schema.SCHEMA_VERSION,
-            "params": [
-                {
-                    "id": schema.param_id(i),
-                    "name": p.name,
-                    "role": p.role,
-                    "module_type": p.module_type,
-                    "layer": p.layer,
-                    "shape": list(p.shape),
-                    # optional facts of the matrix (source tensor, storage layout, fused rows, heads)
-                    **{k: v for k, v in getattr(p, "extra", {}).items() if k not in ("id", "name", "role", "module_type", "layer", "shape")},
-                }
-                for i, p in enumerate(params)
-            ],
+            "params": [{**p.to_record(), "id": schema.param_id(i)} for i, p in enumerate(params)],
             "storage": {"key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS},
             **attributes,
         }

@@ -1,4 +1,4 @@
-"""Masks computed once from the base weights W0 (paper Sec. 4.2).
+"""Float64 references of the masks computed once from the base weights W0 (paper Sec. 4.2), for the tests.
 
 * principal mask ``M_princ = Top_alpha(|W0^(k)|)``, where ``W0^(k)`` is the
   rank-k SVD reconstruction of W0 ("principal weights", Liu et al. 2025c);
@@ -14,48 +14,11 @@ elements. ``torch.quantile`` is not used: it refuses inputs over 2^24 elements.
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import torch
 
+from compass_monitor.exact_selection import select_count, top_count_mask
+
 __all__ = ["low_rank_reconstruction", "low_magnitude_mask", "principal_mask", "select_count", "top_count_mask"]
-
-
-def select_count(numel: int, alpha: float) -> int:
-    """Number of elements a top/bottom-alpha mask selects: ``floor(alpha * n)``.
-
-    ``alpha`` is taken as the decimal it prints as (``repr``), in exact
-    rational arithmetic: ``0.7 * 90`` is 62.999... in binary floating point,
-    but a user who asks for alpha = 0.7 of 90 weights means 63.
-    """
-    return math.floor(Fraction(repr(float(alpha))) * numel)
-
-
-def top_count_mask(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Bool mask of the ``count`` largest entries of ``score`` (ties: lowest index first).
-
-    Args:
-        score: any-shaped floating tensor without NaN.
-        count: 0 <= count <= score.numel().
-    """
-    flat = score.reshape(-1)
-    n = flat.numel()
-    if not 0 <= count <= n:
-        raise ValueError(f"count must be in [0, {n}], got {count}")
-    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    if count == 0:
-        return mask.view(score.shape)
-    if count == n:
-        return mask.fill_(True).view(score.shape)
-    # The count-th largest is the (n - count + 1)-th smallest.
-    threshold = flat.kthvalue(n - count + 1).values
-    above = flat > threshold
-    missing = count - int(above.sum())
-    ties = torch.nonzero(flat == threshold).reshape(-1)[:missing]
-    mask |= above
-    mask[ties] = True
-    return mask.view(score.shape)
 
 
 def low_rank_reconstruction(w0: torch.Tensor, rank: int) -> torch.Tensor:

@@ -1,0 +1,461 @@
+"""The per-rank probe: W0 of the ranges this rank holds, and their measurement per snapshot.
+
+Every rank holds, per monitored matrix, a :class:`~compass_monitor.sharding.LocalShard`
+(a contiguous range of the global row-major flat indices). A plain model in
+one process is the trivial case: one rank holding every matrix whole, where
+every collective is the identity (``collectives.Comm``) and aligned packing is
+``np.packbits``. The base, the reference masks and every snapshot are computed
+on the local ranges only and combined with a few collectives that every rank
+runs in the same order (none is ever gated on a rank). No collective on the
+per-snapshot path moves a weight.
+
+Per snapshot (:meth:`ShardProbe.measure` / :meth:`ShardProbe.reduce` /
+:meth:`ShardProbe.collect`), two collectives:
+
+1. ``all_reduce`` (sum) of one int64 buffer: a few status flags (so that every
+   rank agrees on skipping, failing, disabling) and the six counts of every
+   matrix (``|M|``, the three overlaps, flips, non-finite); popcounts of the
+   local ranges add up to the global counts. Every rank then holds the global
+   counts (for loggers on any rank). ``(2 + 6 P) * 8`` bytes.
+2. ``gather`` to rank 0 (the only writer), within the ranks that contribute
+   anything, of one uint8 buffer per rank: per matrix, the int32 partial row
+   counts of the rows the range touches, the int32 partial column counts
+   (n), and the changed mask of the range packed 1 bit per weight, aligned to
+   the global bytes it covers (``shard_geometry.pack_aligned``). Rank 0 adds
+   the row/column partials (a row split between two ranks, as FSDP1 flat
+   shards do, is summed) and ORs the bytes: the global packed mask, rows and
+   columns, exactly as a single process computes them. Gather needs equal
+   sizes: each buffer is padded to the largest rank's (known to all from the
+   geometry). About ``numel / 8 + 4 (rows + P n)`` bytes per rank: 1/16 of the
+   bf16 weights, 1/32 of fp32 master weights. On one rank nothing is packed
+   into a buffer: the pieces are the matrices' results.
+
+The store writes each mask with a codec over the whole matrix (key frames +
+XOR deltas), so per-rank chunk-aligned writes do not fit it: rank 0 writes,
+and the store's layout does not depend on the number of ranks.
+
+Once, for the base (:meth:`ShardProbe.capture_base`): the geometry (which rank
+holds which range; checked to cover every matrix exactly once), the principal
+score (``principal_sharded``), an exact global top-count selection
+(``exact_selection``), one all-reduce of the spacing-class counts,
+fingerprints (position-weighted sums with global indices, mod p) and
+non-finite counts, and a gather of the packed reference masks (3 bits per
+weight) and, if the store keeps W0, of the bf16 codes (2 bytes per weight,
+matrix by matrix) to rank 0.
+
+Memory per rank: the base copy, 2 bytes per local weight, on the parameter's
+device or in CPU memory (``base_device="cpu"``), plus half a bit per local
+weight (three reference masks and the previous mask, packed).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bf16 import ABS_MASK, INF_BITS, bf16_bits, canonical_bits
+from .collectives import Comm
+from .config import MonitorConfig
+from .exact_selection import select_count, top_count_masks
+from .matrix_probe import _FP_MOD, ShardState, fingerprint_partial, measure_range
+from .precision_null import class_counts as _class_counts
+from .precision_null import spacing_class
+from .principal_sharded import ShardedPrincipal
+from .shard_geometry import aligned_nbytes, check_geometry, pack_aligned
+from .sharding import ShardingError, ShardLayout
+
+__all__ = ["ShardProbe", "LocalSnapshot", "BaseCapture", "BASE_GROUP_ELEMENTS"]
+
+log = logging.getLogger(__name__)
+
+#: Local weights (the largest rank's) per group of matrices whose base is computed together.
+BASE_GROUP_ELEMENTS = 1 << 26
+_FLAG_FIELDS = ("error", "skip")
+
+
+@dataclass
+class LocalSnapshot:
+    """One rank's measurement of every matrix (host arrays), before the collectives.
+
+    ``pieces[p]`` is matrix p's (partial rows, partial columns, aligned packed mask)
+    as host arrays (None where the rank holds none of it).
+    """
+
+    counts: np.ndarray  # (P, 6) int64
+    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = field(default_factory=list)
+    packed: list[torch.Tensor] = field(default_factory=list)  # per matrix, for the previous-mask update
+    error: str | None = None
+
+
+@dataclass
+class BaseCapture:
+    """What :meth:`ShardProbe.capture_base` found, global on every rank (numpy).
+
+    Attributes:
+        class_counts: (P, 4, 512) int64 bf16 spacing-class counts of W0 and its reference masks.
+        fingerprints: (P, 2) int64 base fingerprints.
+        nonfinite: (P,) int64 NaN/Inf values in W0.
+        reference_packed: rank 0: per matrix (3, nbytes) uint8 of the whole matrix; None elsewhere.
+        base_codes: rank 0 with ``want_codes``: per matrix (m*n,) int16; None otherwise.
+    """
+
+    class_counts: np.ndarray
+    fingerprints: np.ndarray
+    nonfinite: np.ndarray
+    reference_packed: list[np.ndarray] | None = None
+    base_codes: list[np.ndarray] | None = None
+
+
+class ShardProbe:
+    """Base capture and per-snapshot measurement of one rank's shards (see the module doc).
+
+    Every method that runs a collective must be called on every rank of the
+    group in the same order. Construction agrees on the geometry (a collective):
+    every rank raises the same error, or none does.
+
+    Args:
+        layout: this rank's shards (``sharding.discover_shards``); None with ``error``.
+        config: the monitor configuration (principal rank, alpha, base device).
+        comm: the collectives (default: on ``layout.group``).
+        error: a discovery error of this rank, raised on every rank.
+    """
+
+    def __init__(self, layout: ShardLayout | None, config: MonitorConfig, *, comm: Comm | None = None, error: BaseException | None = None) -> None:
+        self.config = config
+        self.comm = comm or Comm(layout.group if layout is not None else None)
+        self.base_device = None if config.base_device in (None, "param") else torch.device(config.base_device)
+        shards = layout.shards if layout is not None else []
+        report: dict[str, Any] = {
+            "names": [s.spec.name for s in shards],
+            "shapes": [list(s.spec.shape) for s in shards],
+            "ranges": [[s.start, s.numel] if s.contributes and s.numel else [0, 0] for s in shards],
+        }
+        for s in shards:
+            if s.numel and not 0 <= s.start <= s.start + s.numel <= s.spec.numel:
+                report["error"] = f"parameter {s.spec.name!r}: local range [{s.start}, {s.end}) outside its {s.spec.numel} elements"
+        if error is not None:
+            report["error"] = str(error)
+            report["error_type"] = type(error).__name__
+        # Every rank raises the same error, or none does (a rank that raised alone would leave the others waiting).
+        self.geometry = check_geometry(self.comm.all_gather_object(report))
+        assert layout is not None
+        self.layout = layout
+        self.members = self.geometry.members()
+        self.subgroup = self.comm.new_subgroup(self.members)
+        self.states: list[ShardState] = []
+        #: measurement code path: ``auto`` (numpy when W0 is in CPU memory, torch ops on its device otherwise)
+        self.backend = "auto"
+
+    @classmethod
+    def from_model(cls, model: Any, config: MonitorConfig, *, group: Any = None, comm: Comm | None = None, optimizer: Any = None) -> "ShardProbe":
+        """Discover this rank's shards of ``model`` and agree on the geometry with every rank (a collective);
+        ``optimizer``: parameters in none of its param groups count as frozen (``sharding.discover_shards``)."""
+        from .selection import SelectionError
+        from .sharding import discover_shards
+
+        comm = comm or Comm(group)
+        try:
+            layout, error = discover_shards(model, config, group=group, optimizer=optimizer), None
+        except (ShardingError, SelectionError) as exc:
+            layout, error = None, exc
+        return cls(layout, config, comm=comm, error=error)
+
+    # -- facts ------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def is_writer(self) -> bool:
+        return self.comm.rank == 0
+
+    @property
+    def specs(self) -> list[Any]:
+        return self.layout.specs
+
+    def _range(self, p: int) -> tuple[int, int]:
+        return self.geometry.ranges[p][self.rank]
+
+    def _starts(self, p: int) -> list[int]:
+        return [s if k else -1 for s, k in self.geometry.ranges[p]]
+
+    def _device_of(self, p: int) -> torch.device:
+        shard = self.layout.shards[p]
+        return shard.values().device if shard.numel else torch.device("cpu")
+
+    # -- base ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture_base(self, *, want_codes: bool = False) -> BaseCapture:
+        """Take W0 of every local range and compute the reference masks in global coordinates (a collective)."""
+        self.comm.phase = "base"
+        cfg = self.config
+        P = len(self.layout.shards)
+        reduce_buf = torch.zeros(P * (4 * 512 + 2 + 1), dtype=torch.int64)
+        class_block = reduce_buf[: P * 4 * 512].view(P, 4, 512)
+        fp_block = reduce_buf[P * 4 * 512 : P * (4 * 512 + 2)].view(P, 2)
+        bad_block = reduce_buf[P * (4 * 512 + 2) :]
+        principal = ShardedPrincipal(self.comm, self.geometry, cfg.principal_rank)
+        states: list[ShardState | None] = [None] * P
+        for group in self._base_groups():
+            bits_of: dict[int, torch.Tensor] = {}
+            w0_of: dict[int, torch.Tensor] = {}
+            for p in group:
+                start, numel = self._range(p)
+                if numel:
+                    bits = canonical_bits(bf16_bits(self.layout.shards[p].local()).clone())
+                else:
+                    bits = torch.zeros(0, dtype=torch.int16, device=self._device_of(p))
+                bits_of[p] = bits
+                # Non-finite base entries would poison the SVD and the selections: they are
+                # treated as 0 for the reference masks (and counted, so the monitor warns).
+                w0_of[p] = torch.nan_to_num(bits.view(torch.bfloat16).float(), nan=0.0, posinf=0.0, neginf=0.0)
+            principal_scores = principal.scores(group, w0_of)
+            scores, counts, starts = [], [], []
+            for p in group:
+                count = select_count(self.layout.shards[p].spec.numel, cfg.alpha)
+                scores += [principal_scores.pop(p), -w0_of[p].abs()]  # top of -|W0|: the low-magnitude mask
+                counts += [count, count]
+                starts += [self._starts(p), self._starts(p)]
+            del w0_of, principal_scores
+            masks = top_count_masks(self.comm, scores, counts, starts)
+            del scores
+            for j, p in enumerate(group):
+                start, numel = self._range(p)
+                bits = bits_of[p]
+                principal_mask, low = masks[2 * j], masks[2 * j + 1]
+                pnl = principal_mask & ~low
+                if numel:
+                    class_block[p] = _class_counts(spacing_class(bits), [principal_mask, low, pnl]).cpu()
+                    fp_block[p] = fingerprint_partial(bits, start).cpu()
+                    bad_block[p] = int(((bits & ABS_MASK) >= INF_BITS).sum())
+                    reference = torch.stack([pack_aligned(principal_mask, start), pack_aligned(low, start), pack_aligned(pnl, start)])
+                else:
+                    reference = torch.zeros((3, 0), dtype=torch.uint8, device=bits.device)
+                base = bits if self.base_device is None else bits.to(self.base_device)
+                ref = reference if self.base_device is None else reference.to(self.base_device)
+                states[p] = ShardState(
+                    shard=self.layout.shards[p], start=start, numel=numel, base_bits=base, reference_packed=ref, previous_packed=torch.zeros_like(ref[0])
+                )
+            del masks
+        self.states = [s for s in states if s is not None]
+        self.comm.all_reduce(reduce_buf)
+        result = BaseCapture(
+            class_counts=class_block.numpy().copy(),
+            fingerprints=(fp_block.numpy() % _FP_MOD).copy(),
+            nonfinite=bad_block.numpy().copy(),
+            reference_packed=self._gather_reference(),
+        )
+        if want_codes:
+            result.base_codes = self.gather_base_codes()
+        self.comm.phase = "idle"
+        return result
+
+    def _base_groups(self) -> list[list[int]]:
+        """Consecutive matrices whose largest local range (over ranks) sums to at most ``BASE_GROUP_ELEMENTS``.
+
+        The base is computed group by group (about 30 bytes of temporaries per
+        local weight of a group); the grouping comes from the geometry, so it is
+        the same on every rank.
+        """
+        groups: list[list[int]] = []
+        size = 0
+        for p, per_rank in enumerate(self.geometry.ranges):
+            biggest = max(k for _, k in per_rank)
+            if groups and groups[-1] and size + biggest <= BASE_GROUP_ELEMENTS:
+                groups[-1].append(p)
+                size += biggest
+            else:
+                groups.append([p])
+                size = biggest
+        return groups
+
+    # -- gathers to rank 0 ----------------------------------------------------------------
+    def _gather_reference(self) -> list[np.ndarray] | None:
+        """The whole reference masks of every matrix on rank 0 (3 bits per weight, one gather)."""
+        if self.comm.world_size == 1:
+            return [s.reference_packed.cpu().numpy() for s in self.states]
+        P = len(self.states)
+        pieces = [s.reference_packed.cpu().numpy().reshape(-1) for s in self.states]
+        mine = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
+        sizes = {r: sum(3 * aligned_nbytes(*self.geometry.ranges[p][r]) for p in range(P)) for r in self.members}
+        gathered = self._gather_padded(mine, max(sizes.values()))
+        if gathered is None:
+            return None
+        out = [np.zeros((3, (m * n + 7) // 8), dtype=np.uint8) for m, n in self.geometry.shapes]
+        for member, buf in zip(self.members, gathered):
+            offset = 0
+            for p in range(P):
+                start, numel = self.geometry.ranges[p][member]
+                nb = aligned_nbytes(start, numel)
+                if nb:
+                    out[p][:, start // 8 : start // 8 + nb] |= buf[offset : offset + 3 * nb].reshape(3, nb)
+                    offset += 3 * nb
+        return out
+
+    def gather_base_codes(self) -> list[np.ndarray] | None:
+        """The base bf16 codes of every matrix on rank 0, one gather per matrix (for the stored W0)."""
+        out: list[np.ndarray] | None = [] if self.is_writer else None
+        for p, state in enumerate(self.states):
+            codes = self._gather_codes(p, state.base_bits.cpu().numpy())
+            if out is not None and codes is not None:
+                out.append(codes)
+        return out
+
+    def whole_matrix(self, p: int, *, base: bool) -> torch.Tensor | None:
+        """Matrix ``p`` as an (m, n) bf16 tensor on rank 0 (None elsewhere): W0 or the current weights.
+
+        One rank: a view of what it holds (no copy through the host). Several: a gather
+        of the matrix to rank 0, 2 bytes per weight, on the collective device; only for
+        the spectral diagnostics, at their own cadence (the masks never need it).
+        """
+        state, shape = self.states[p], self.geometry.shapes[p]
+        if self.comm.world_size == 1:
+            codes = state.base_bits if base else bf16_bits(state.shard.local())
+            return codes.view(torch.bfloat16).reshape(shape)
+        if base:
+            mine = state.base_bits.cpu().numpy()
+        elif state.numel:
+            mine = bf16_bits(state.shard.local()).cpu().numpy()
+        else:
+            mine = np.zeros(0, dtype=np.int16)
+        codes = self._gather_codes(p, mine)
+        return None if codes is None else torch.from_numpy(codes).view(torch.bfloat16).reshape(shape).to(self.comm.device)
+
+    def _gather_codes(self, p: int, mine: np.ndarray) -> np.ndarray | None:
+        if self.comm.world_size == 1:
+            return np.ascontiguousarray(mine).reshape(-1)
+        size = max(2 * self.geometry.ranges[p][r][1] for r in self.members)
+        gathered = self._gather_padded(np.ascontiguousarray(mine).view(np.uint8), size)
+        if gathered is None:
+            return None
+        m, n = self.geometry.shapes[p]
+        codes = np.zeros(m * n, dtype=np.int16)
+        for member, buf in zip(self.members, gathered):
+            start, numel = self.geometry.ranges[p][member]
+            codes[start : start + numel] = buf[: 2 * numel].view(np.int16)
+        return codes
+
+    def _gather_padded(self, mine: np.ndarray, size: int) -> list[np.ndarray] | None:
+        """Equal-sized buffers of the members to rank 0 (non-members take no part and get None)."""
+        buf = np.zeros(size if self.rank in self.members else 0, dtype=np.uint8)
+        buf[: mine.size] = mine
+        gathered = self.comm.gather(torch.from_numpy(buf), members=self.members, subgroup=self.subgroup)
+        return None if gathered is None else [g.numpy() for g in gathered]
+
+    # -- snapshots ---------------------------------------------------------------------
+    @torch.no_grad()
+    def measure(self) -> LocalSnapshot:
+        """Measure every local range (no collective). A failure is reported in ``error``, not raised."""
+        P = len(self.states)
+        counts = np.zeros((P, 6), dtype=np.int64)
+        pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * P
+        packed_list: list[torch.Tensor] = []
+        on_device: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        try:
+            for p, state in enumerate(self.states):
+                if state.numel == 0:
+                    packed_list.append(state.previous_packed)
+                    continue
+                c, rows, cols, packed = measure_range(state, self.geometry.shapes[p], backend=self.backend)
+                packed_list.append(packed)
+                if isinstance(c, torch.Tensor):  # accelerator: copied to the host below, once per kind
+                    on_device.append((p, c, rows, cols, packed))
+                    continue
+                counts[p] = c
+                pieces[p] = (rows, cols, packed.numpy())
+            if on_device:
+                host = [torch.cat([t[k].reshape(-1).view(torch.uint8) for t in on_device]).cpu().numpy() for k in (1, 2, 3, 4)]
+                offsets = [0, 0, 0, 0]
+                for p, *tensors in on_device:
+                    chunk = []
+                    for k, t in enumerate(tensors):
+                        size = t.numel() * t.element_size()
+                        chunk.append(host[k][offsets[k] : offsets[k] + size])
+                        offsets[k] += size
+                    counts[p] = chunk[0].view(np.int64)
+                    pieces[p] = (chunk[1].view(np.int32), chunk[2].view(np.int32), chunk[3])
+        except Exception as exc:  # reported to every rank through the next all-reduce
+            where = f"rank {self.rank}: " if self.comm.world_size > 1 else ""
+            return LocalSnapshot(counts=np.zeros((P, 6), dtype=np.int64), error=f"{where}{type(exc).__name__}: {exc}")
+        return LocalSnapshot(counts=counts, pieces=pieces, packed=packed_list)
+
+    def reduce(self, snap: LocalSnapshot, *, skip: bool = False, error: bool = False) -> tuple[np.ndarray, dict[str, int]]:
+        """Collective 1: global counts (P, 6) and flags on every rank.
+
+        ``flags["error"]``: ranks that failed (``snap.error`` or ``error``);
+        ``flags["skip"]``: the writer asked to skip this snapshot.
+        """
+        self.comm.phase = "snapshot"
+        P = len(self.states)
+        buf = torch.zeros(len(_FLAG_FIELDS) + P * 6, dtype=torch.int64)
+        buf[0] = 1 if (snap.error or error) else 0
+        buf[1] = 1 if skip else 0
+        buf[len(_FLAG_FIELDS) :] = torch.from_numpy(snap.counts.reshape(-1))
+        self.comm.all_reduce(buf)
+        flags = {name: int(buf[i]) for i, name in enumerate(_FLAG_FIELDS)}
+        return buf[len(_FLAG_FIELDS) :].numpy().reshape(P, 6).copy(), flags
+
+    def collect(self, snap: LocalSnapshot) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] | None:
+        """Collective 2: rank 0 gets the whole rows, columns and packed masks; None on other ranks."""
+        self.comm.phase = "snapshot"
+        shapes = self.geometry.shapes
+        if self.comm.world_size == 1:  # every range is its whole matrix: nothing to gather
+            empty = [(np.zeros(m, np.int32), np.zeros(n, np.int32), np.zeros((m * n + 7) // 8, np.uint8)) for m, n in shapes]
+            whole = [piece if piece is not None else empty[p] for p, piece in enumerate(snap.pieces)]
+            return [w[0] for w in whole], [w[1] for w in whole], [w[2] for w in whole]
+        mine = [part for piece in snap.pieces if piece is not None for part in (piece[0].view(np.uint8), piece[1].view(np.uint8), piece[2])]
+        payload = np.concatenate(mine) if mine else np.zeros(0, dtype=np.uint8)
+        size = max(self.geometry.payload_bytes(r) for r in self.members)
+        gathered = self._gather_padded(payload, size)
+        if gathered is None:
+            return None
+        rows = [np.zeros(m, dtype=np.int32) for m, _ in shapes]
+        cols = [np.zeros(n, dtype=np.int32) for _, n in shapes]
+        packed = [np.zeros((m * n + 7) // 8, dtype=np.uint8) for m, n in shapes]
+        for member, buf in zip(self.members, gathered):
+            offset = 0
+            for p in range(len(shapes)):
+                first, nrows, ncols, nbytes = self.geometry.payload_layout(p, member)
+                if not nbytes:
+                    continue
+                rows[p][first : first + nrows] += buf[offset : offset + 4 * nrows].view(np.int32)
+                offset += 4 * nrows
+                cols[p] += buf[offset : offset + 4 * ncols].view(np.int32)
+                offset += 4 * ncols
+                start = self.geometry.ranges[p][member][0]
+                packed[p][start // 8 : start // 8 + nbytes] |= buf[offset : offset + nbytes]
+                offset += nbytes
+        return rows, cols, packed
+
+    def accept(self, snap: LocalSnapshot) -> None:
+        """Make this snapshot's masks the previous ones (after it was stored)."""
+        for state, packed in zip(self.states, snap.packed):
+            if state.numel:
+                state.previous_packed = packed
+
+    def restore(self, codes: list[np.ndarray], refs: list[np.ndarray], previous: list[np.ndarray]) -> None:
+        """Take W0 codes, reference masks and previous masks of this rank's ranges from a stored run (resume)."""
+        states = []
+        for p, shard in enumerate(self.layout.shards):
+            start, numel = self._range(p)
+            device = self.base_device or self._device_of(p)
+            states.append(
+                ShardState(
+                    shard=shard,
+                    start=start,
+                    numel=numel,
+                    base_bits=torch.from_numpy(codes[p]).to(device),
+                    reference_packed=torch.from_numpy(refs[p]).to(device),
+                    previous_packed=torch.from_numpy(previous[p]).to(device),
+                )
+            )
+        self.states = states
+
+    def set_previous(self, local_packed: list[np.ndarray]) -> None:
+        """Previous masks from this rank's aligned local packed masks (e.g. after a resume)."""
+        for state, local in zip(self.states, local_packed):
+            state.previous_packed = torch.from_numpy(np.ascontiguousarray(local)).to(state.base_bits.device)
