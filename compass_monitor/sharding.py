@@ -145,10 +145,13 @@ class ShapeChangedError(ShardingError):
     """A monitored parameter no longer has the shape it had when the base was taken."""
 
 
-def _whole(matrix: SelectedMatrix, *, contributes: bool = True, layout: str = "whole") -> LocalShard:
-    spec = matrix.spec
+def _whole(
+    spec: ParamSpec, source: torch.Tensor | Callable[[], torch.Tensor], *, contributes: bool = True, layout: str = "whole"
+) -> LocalShard:
+    """A whole matrix as one shard; ``source`` is the tensor, or a function returning its current (m, n) view."""
+    view = source if callable(source) and not isinstance(source, torch.Tensor) else (lambda p=source: p.detach())
 
-    def values(view=matrix.matrix) -> torch.Tensor:
+    def values() -> torch.Tensor:
         t = view()
         if t.numel() != spec.numel or (t.dim() == 2 and tuple(t.shape) != spec.shape):
             raise ShapeChangedError(
@@ -163,7 +166,7 @@ def _whole(matrix: SelectedMatrix, *, contributes: bool = True, layout: str = "w
 def whole_layout(model: nn.Module, config: MonitorConfig, *, optimizer: Any = None) -> ShardLayout:
     """Every selected matrix as a whole, contributed shard (a single process holds the model), with the selection's facts."""
     selection = select_matrices(model, config, optimizer=optimizer)
-    return ShardLayout(shards=[_whole(m) for m in selection.matrices], kind="plain", facts=selection.facts)
+    return ShardLayout(shards=[_whole(m.spec, m.matrix) for m in selection.matrices], kind="plain", facts=selection.facts)
 
 
 def whole_shards(model: nn.Module, config: MonitorConfig, *, optimizer: Any = None) -> list[LocalShard]:
@@ -271,7 +274,7 @@ def _dtensor_shards(model: nn.Module, config: MonitorConfig, *, rank: int, world
             shards.append(_dtensor_shard(matrix.spec, matrix.source, world=world))
         else:
             # Not managed by FSDP2: every rank holds the same copy; rank 0 contributes it.
-            shards.append(_whole(matrix, contributes=rank == 0, layout="replicated (not sharded)"))
+            shards.append(_whole(matrix.spec, matrix.matrix, contributes=rank == 0, layout="replicated (not sharded)"))
     return shards, selection.facts
 
 
@@ -366,7 +369,7 @@ def _fsdp1_shards(model: nn.Module, config: MonitorConfig, *, rank: int) -> tupl
     for matrix in selection.matrices:
         source = sources.get(id(matrix.source))
         if source is None:
-            shards.append(_whole(matrix, contributes=rank == 0, layout="replicated (not managed by FSDP)"))
+            shards.append(_whole(matrix.spec, matrix.matrix, contributes=rank == 0, layout="replicated (not managed by FSDP)"))
             continue
         flat, i, fsdp = source
         if not matrix.plain:
