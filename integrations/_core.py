@@ -60,6 +60,17 @@ def monitored_on_every_rank(model: nn.Module) -> bool:
     return sharding_kind(model) != "plain"
 
 
+def _solo_group(model: nn.Module) -> Any:
+    """A one-rank process group holding rank 0, for a whole model (one device, DDP) in an initialized world: rank 0
+    alone monitors it, and its monitor must run no collective with the others. None otherwise. Call on every rank.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or monitored_on_every_rank(model):
+        return None
+    return dist.new_group([0])
+
+
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer, Lightning's wrappers
     return inner if isinstance(inner, torch.optim.Optimizer) else None
@@ -155,10 +166,15 @@ class AdapterCore:
         """
         self.gate.hook(optimizers)
         self.monitor = None
+        try:
+            group = _solo_group(model)  # on every rank: creating a process group is collective
+        except Exception as exc:  # noqa: BLE001 - never raise into training
+            log.error("compass-monitor: this run is not monitored: %s: %s", type(exc).__name__, exc)
+            return None
         if not create:
             return None
         try:
-            self.monitor = self._create(model, {**metadata, **self.metadata}, optimizers, framework_step, checkpoint)
+            self.monitor = self._create(model, {**metadata, **self.metadata}, optimizers, framework_step, checkpoint, group)
         except Exception as exc:  # the monitor never takes training down
             log.error(
                 "compass-monitor: this run is not monitored: %s: %s. Training continues; fix the cause (the "
@@ -173,13 +189,17 @@ class AdapterCore:
         return self.monitor
 
     def _create(
-        self, model: nn.Module, metadata: dict[str, Any], optimizers: Sequence[Any], framework_step: int, checkpoint: dict[str, Any] | None
+        self,
+        model: nn.Module,
+        metadata: dict[str, Any],
+        optimizers: Sequence[Any],
+        framework_step: int,
+        checkpoint: dict[str, Any] | None,
+        group: Any = None,
     ) -> CompassMonitor:
         groups = [g for o in optimizers if (inner := _torch_optimizer(o)) is not None for g in inner.param_groups]
         optimizer = SimpleNamespace(param_groups=groups) if groups else None
-        kwargs: dict[str, Any] = dict(config=self.config, run_name=self.run_name, metadata=metadata)
-        if not monitored_on_every_rank(model):
-            kwargs["optimizer"] = optimizer  # the sharded monitor decides frozen matrices by requires_grad
+        kwargs: dict[str, Any] = dict(config=self.config, run_name=self.run_name, metadata=metadata, optimizer=optimizer, group=group)
         earlier, self._earlier = self._earlier, None
         if checkpoint is not None:  # a checkpoint of this run: the resume rules at its step
             return CompassMonitor(model, self.run_dir, resume=True, resume_step=int(checkpoint["step"]), **kwargs)

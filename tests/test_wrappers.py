@@ -49,12 +49,15 @@ def _wrap(kind: str, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _train(wrapped: torch.nn.Module, path: Path, steps: int, *, rank: int = 0, resume: bool = False, seed: int = 99) -> dict:
-    if rank != 0 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-        # Every DDP rank holds the whole model: only rank 0 monitors it (as the adapters do).
-        optimizer = H.ExactAdam(wrapped.parameters())
-        H.train_steps(wrapped, optimizer, H.batches(steps, seed=seed), rank=rank)
-        return {}
-    monitor = CompassMonitor(wrapped, path, config=CONFIG, resume=resume, resume_step=RESUME_AT if resume else None)
+    group = None
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        # Every DDP rank holds the whole model: rank 0 alone monitors it, on a one-rank group (as the adapters do).
+        group = torch.distributed.new_group([0])
+        if rank != 0:
+            optimizer = H.ExactAdam(wrapped.parameters())
+            H.train_steps(wrapped, optimizer, H.batches(steps, seed=seed), rank=rank)
+            return {}
+    monitor = CompassMonitor(wrapped, path, config=CONFIG, resume=resume, resume_step=RESUME_AT if resume else None, group=group)
     optimizer = H.ExactAdam(wrapped.parameters())
     attach_optimizer(monitor, optimizer)
     H.train_steps(wrapped, optimizer, H.batches(steps, seed=seed), rank=rank)
