@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .store import StoreError, open_run
 from .summary import summary_text
@@ -28,7 +29,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise ValueError(f"compare needs at least two runs, got {len(args.runs)}")
     if args.tui:
-        from .tui.screens.compare import run_compare_tui  # Textual only for --tui
+        from .tui.launch import run_compare_tui  # Textual only for --tui
 
         return run_compare_tui(args.runs)
     runs = [open_run(path) for path in args.runs]
@@ -37,7 +38,40 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from .report.build import ReportConfig, build_report  # matplotlib only for this command
+    except ImportError as exc:
+        print(f"compass-monitor report: error: the figures need matplotlib ({exc}); install the report extra: "
+              "pip install -e '.[report]' from the source tree", file=sys.stderr)
+        return 2
+    config = ReportConfig(matrices=tuple(args.matrix or ()), head_dim=args.head_dim, max_image_side=args.max_image_side)
+    report = build_report(args.runs, args.out, config=config)
+    for number, fig in enumerate(report.figures, start=1):
+        print(f"{number:>2}. {fig.files[0].name}: {fig.reading}")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"index: {report.index[1]} (and {report.index[0].name})")
+    return 0
+
+
 def _add_report_commands(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "report",
+        help="draw a run's figures (PNG + SVG) and an index page; with several runs of one base, cross-run figures too",
+        description="Figures of one or more runs (paper Fig. 2-5, 8): update sparsity and flips over steps (global and per "
+        "module type), the three overlaps vs random baseline and precision null, row/column update-ratio profiles per "
+        "module type and for chosen matrices with attention-head boundaries, mask images, spectral drift when stored, "
+        "and with two or more runs of one base the pairwise Jaccard vs the independent baseline and the consensus ratio. "
+        "Writes DIR/index.html and DIR/index.md with a one-line reading per figure.",
+    )
+    report.add_argument("runs", metavar="RUN", nargs="+", help="one or more run store directories")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and the index (created if needed)")
+    report.add_argument("--matrix", action="append", metavar="NAME", help="a matrix to draw profiles and masks of (repeatable; default: the most changed q, o and down)")
+    report.add_argument("--head-dim", type=int, default=None, help="attention head size when a run's metadata has none (default: no head lines)")
+    report.add_argument("--max-image-side", type=int, default=256, help="mask images at most this many pixels a side (default 256)")
+    report.set_defaults(func=_cmd_report)
+
     compare = sub.add_parser(
         "compare",
         help="compare runs of one base model: mask Jaccard per module type vs the independent baseline, consensus",
@@ -57,7 +91,7 @@ def _add_report_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .store.inspect import inspect_text
 
-    print(inspect_text(args.run_dir))
+    print(inspect_text(args.run_dir, verify=not args.no_verify))
     return 0
 
 
@@ -68,8 +102,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_tui(args: argparse.Namespace) -> int:
-    from .tui.launch import run_tui  # Textual only for this command
+    from .tui.launch import run_tui  # Textual only when the app starts
 
+    if args.command == "replay" and not (Path(args.path) / "zarr.json").is_file():
+        # replay plays one run; a folder of runs is for `tui` (its run list).
+        from .tui.data import discover_runs
+
+        found = discover_runs(Path(args.path))
+        hint = f"; runs under it: {', '.join(str(p) for p in found[:3])}{', ...' if len(found) > 3 else ''}" if found else ""
+        print(f"compass-monitor replay: error: {args.path} is not a run store (no zarr.json){hint}; "
+              f"pass one run's directory, or pick one with: compass-monitor tui {args.path} --replay", file=sys.stderr)
+        return 2
     replay = args.command == "replay" or args.replay
     return run_tui(args.path, replay=replay, speed=args.speed, head_dim=args.head_dim, stale_after=args.stale_after)
 
@@ -87,7 +130,7 @@ def _add_tui_commands(sub: argparse._SubParsersAction) -> None:
     for parser, target in ((tui, "PATH"), (replay, "RUN_DIR")):
         parser.add_argument("path", metavar=target, help="a run directory" + (", or a folder of runs" if target == "PATH" else ""))
         parser.add_argument("--speed", type=float, default=2.0, help="replay speed in snapshots per second (default 2)")
-        parser.add_argument("--head-dim", type=int, default=64, help="attention head size when the run's metadata has none (default 64)")
+        parser.add_argument("--head-dim", type=int, default=None, help="attention head size for runs that did not record their model's geometry (default: draw no head boundaries for them)")
         parser.add_argument("--stale-after", type=float, default=120.0, help="seconds without a commit before a running run shows STALE (default 120, at least 3x its snapshot interval)")
         parser.set_defaults(func=_cmd_tui, replay=False)
     tui.add_argument("--replay", action="store_true", help="start in replay mode (like the replay command)")
@@ -171,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live bf16 update masks and RLVR/SFT diagnostics for training runs.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     summary = sub.add_parser(
@@ -191,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "disk per group of arrays with the compression ratio against the plain arrays.",
     )
     inspect.add_argument("run_dir", metavar="RUN_DIR", help="a run store directory")
+    inspect.add_argument("--no-verify", action="store_true", help="skip decoding and checking every committed snapshot")
     inspect.set_defaults(func=_cmd_inspect)
 
     demo = sub.add_parser(
@@ -216,9 +261,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (StoreError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"compass-monitor {args.command}: error: {exc}", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # one line, what is wrong; the traceback with --debug
+        if args.debug:
+            raise
+        print(f"compass-monitor {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as one line: the store's own errors as they are, anything else with its type."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and exc.args:  # str(KeyError) quotes its key
+        text = str(exc.args[0])
+    if isinstance(exc, StoreError):
+        return text
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename or ''}: {exc.strerror}".lstrip(": ")
+    return f"{type(exc).__name__}: {text}" + (" (rerun with --debug for the traceback)" if not isinstance(exc, (ValueError, KeyError)) else "")
 
 
 if __name__ == "__main__":

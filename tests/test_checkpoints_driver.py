@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import weakref
 
 import numpy as np
@@ -58,6 +59,7 @@ def test_counts_equal_an_independent_comparison_sharded(tmp_path, dtype, caplog)
     with caplog.at_level(logging.WARNING):
         result = diff_checkpoints(tmp_path / "base", refs, tmp_path / "run", config=CONFIG, progress=False, device="cpu")
     assert ("fp16 tensors are rounded to bf16" in caplog.text) == (dtype == torch.float16)
+    assert "is that the model these checkpoints were trained from" not in caplog.text
     run = open_run(tmp_path / "run")
     assert list(run.steps) == [5, 10] and run.attrs["run"]["model_class"] == "Qwen2ForCausalLM"
     final = base.state_dict()
@@ -105,3 +107,11 @@ def test_a_lora_adapter_folder_is_measured_as_its_merged_model(tmp_path):
         expected = exact_changed(base[p.name], merged[p.name])
         assert run.counts[0, p.index, 0] == expected
         assert (expected > 0) == (p.module_type in ("q", "up"))
+
+
+def test_a_base_of_another_run_is_warned_about(tmp_path, caplog):
+    tiny_qwen2(0, torch.bfloat16).save_pretrained(tmp_path / "base")
+    tiny_qwen2(1, torch.bfloat16).save_pretrained(tmp_path / "checkpoint-7")  # same architecture, other weights
+    with caplog.at_level(logging.WARNING):
+        diff_checkpoints(tmp_path / "base", resolve_steps([tmp_path / "checkpoint-7"]), tmp_path / "run", config=CONFIG, progress=False, device="cpu")
+    assert re.search(r"9\d\.\d\d% of the linear weights of .*checkpoint-7 \(step 7\) differ from the base .*is that the model these checkpoints were trained from", caplog.text)

@@ -85,6 +85,22 @@ def _monitor(specs: list[ParamSpec], cursor: CheckpointCursor, run_dir: Path, co
     return CompassMonitor.from_layout(layout, run_dir, config=config, run_name=run_name, metadata=metadata, model_class=model_class)
 
 
+#: Below this update sparsity at the first checkpoint the base is probably not the run's base:
+#: unrelated bf16 weights differ almost everywhere, a fine-tune leaves many unchanged.
+UNRELATED_SPARSITY = 0.01
+
+
+def _warn_if_unrelated(monitor: CompassMonitor, base: Path, ref: CheckpointRef) -> None:
+    monitor.flush()
+    sparsity = monitor.latest_scalars().get("compass/all_linear/sparsity")
+    if sparsity is not None and sparsity < UNRELATED_SPARSITY:
+        log.warning(
+            "compass-monitor diff: %.2f%% of the linear weights of %s (step %d) differ from the base %s: is that the model "
+            "these checkpoints were trained from? (unrelated weights differ almost everywhere)",
+            100 * (1 - sparsity), ref.path, ref.step, base,
+        )
+
+
 def diff_checkpoints(
     base: str | Path,
     checkpoints: list[CheckpointRef],
@@ -152,6 +168,8 @@ def diff_checkpoints(
             if not monitor.enabled:
                 raise CheckpointError(f"the snapshot of {ref.path} failed: {monitor.disabled_reason}; the store keeps the {done} snapshots before it")
             done += 1
+            if done == 1:
+                _warn_if_unrelated(monitor, base_source.path, ref)
             seconds[f"step {ref.step}"] = elapsed = time.perf_counter() - t0
             per = (time.perf_counter() - began - seconds["base"]) / done
             if not bar.tty:
