@@ -8,13 +8,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .store import StoreError, open_run
-from .summary import summary_text
+from .store.schema import StoreError  # light: the store's reader (zarr) is imported by the commands that read
 
 __all__ = ["main", "build_parser"]
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
+    from .store import open_run
+    from .summary import summary_text
+
     run = open_run(args.run_dir)
     print(summary_text(run, max_rows=args.rows))
     return 0
@@ -32,6 +34,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         from .tui.launch import run_compare_tui  # Textual only for --tui
 
         return run_compare_tui(args.runs)
+    from .store import open_run
+
     runs = [open_run(path) for path in args.runs]
     stats = cross_run_stats(runs, step=args.step)
     print(json.dumps(compare_json(stats, runs), indent=2) if args.json else compare_text(stats, runs))
@@ -173,6 +177,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"compass-monitor diff: interrupted; {args.out} keeps every committed snapshot", file=sys.stderr)
         return 130
+    from .store import open_run
+    from .summary import summary_text
+
     run = open_run(result.run_dir)
     if len(refs) == 1:
         print(table_row(run, spectral=args.spectral))
