@@ -123,6 +123,22 @@ def _history_line(event: dict[str, Any]) -> str:
     return text
 
 
+def _selection_lines(facts: dict[str, Any]) -> list[str]:
+    """What the selection left out and why (the store attribute ``selection``, written by the monitor)."""
+    out = []
+    frozen = facts.get("frozen") or []
+    if frozen:
+        kept = " (monitored: include_frozen)" if facts.get("frozen_included") else " (not monitored)"
+        shown = ", ".join(f"{e.get('name')}: {e.get('reason')}" for e in frozen[:4]) + (", ..." if len(frozen) > 4 else "")
+        out.append(f"  frozen: {len(frozen)} matrices{kept}: {shown}")
+    unknown = facts.get("unknown_module_types") or []
+    if unknown:
+        out.append(f"  typed 'other' (no known module type): {', '.join(unknown[:4])}" + (", ..." if len(unknown) > 4 else ""))
+    for note in facts.get("notes") or []:
+        out.append(f"  note: {note}")
+    return out
+
+
 def inspect_text(path: str | os.PathLike[str], *, verify: bool = True) -> str:
     """A readable report of the store at ``path``.
 
@@ -170,6 +186,7 @@ def inspect_text(path: str | os.PathLike[str], *, verify: bool = True) -> str:
         lines.append("  snapshots: none committed yet")
     numel = sum(p.numel for p in run.params)
     lines.append(f"  matrices: {len(run.params)} ({numel / 1e6:.2f}M weights); base W0 codes stored: {'yes' if commit.get('base_weights') else 'no'}")
+    lines.extend(_selection_lines(run.attrs.get("selection") or {}))
     gaps = run.gaps
     if gaps:
         skipped = sum(g[2] for g in gaps)
