@@ -45,8 +45,12 @@ def train(model, optimizer, first: int, last: int) -> None:
 
 
 def digest(root: Path) -> str:
+    """Hash of the run's data: every file but the writer lock, whose record names the last process that
+    held it (a refused resume takes the lock before it reads the store, so that nothing changes under it)."""
     h = hashlib.sha256()
     for path in sorted(root.rglob("*")):
+        if path.name == "writer.lock" and path.parent == root:
+            continue
         h.update(str(path.relative_to(root)).encode())
         if path.is_file():
             h.update(path.read_bytes())
