@@ -37,7 +37,40 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from .report.build import ReportConfig, build_report  # matplotlib only for this command
+    except ImportError as exc:
+        print(f"compass-monitor report: error: the figures need matplotlib ({exc}); install the report extra: "
+              "pip install -e '.[report]' from the source tree", file=sys.stderr)
+        return 2
+    config = ReportConfig(matrices=tuple(args.matrix or ()), head_dim=args.head_dim, max_image_side=args.max_image_side)
+    report = build_report(args.runs, args.out, config=config)
+    for number, fig in enumerate(report.figures, start=1):
+        print(f"{number:>2}. {fig.files[0].name}: {fig.reading}")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"index: {report.index[1]} (and {report.index[0].name})")
+    return 0
+
+
 def _add_report_commands(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "report",
+        help="draw a run's figures (PNG + SVG) and an index page; with several runs of one base, cross-run figures too",
+        description="Figures of one or more runs (paper Fig. 2-5, 8): update sparsity and flips over steps (global and per "
+        "module type), the three overlaps vs random baseline and precision null, row/column update-ratio profiles per "
+        "module type and for chosen matrices with attention-head boundaries, mask images, spectral drift when stored, "
+        "and with two or more runs of one base the pairwise Jaccard vs the independent baseline and the consensus ratio. "
+        "Writes DIR/index.html and DIR/index.md with a one-line reading per figure.",
+    )
+    report.add_argument("runs", metavar="RUN", nargs="+", help="one or more run store directories")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and the index (created if needed)")
+    report.add_argument("--matrix", action="append", metavar="NAME", help="a matrix to draw profiles and masks of (repeatable; default: the most changed q, o and down)")
+    report.add_argument("--head-dim", type=int, default=None, help="attention head size when a run's metadata has none (default: no head lines)")
+    report.add_argument("--max-image-side", type=int, default=256, help="mask images at most this many pixels a side (default 256)")
+    report.set_defaults(func=_cmd_report)
+
     compare = sub.add_parser(
         "compare",
         help="compare runs of one base model: mask Jaccard per module type vs the independent baseline, consensus",

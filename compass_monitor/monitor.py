@@ -46,7 +46,7 @@ from torch import nn
 from .aggregates import aggregate_counts, by_module_type, everything_linear, scalars, spectral_scalars
 from .collectives import Comm
 from .config import MonitorConfig
-from .precision_null import null_overlaps
+from .precision_null import class_attributes, null_overlaps
 from .probe import ShardProbe
 from .run_attributes import model_class_of, run_attributes
 from .resume import ResumePoint, agree, agreed_config, read_resume_point, restore_probe, rewind_point
@@ -206,6 +206,7 @@ class CompassMonitor:
         self.writer.submit_base(
             fingerprints=base.fingerprints,
             class_counts=base.class_counts,
+            class_attributes=class_attributes(base.class_counts),
             reference_packed=base.reference_packed,
             base_codes=base.base_codes,
         )

@@ -62,8 +62,8 @@ from .collectives import Comm
 from .config import MonitorConfig
 from .exact_selection import select_count, top_count_masks
 from .matrix_probe import _FP_MOD, ShardState, fingerprint_partial, measure_range
+from .precision_null import NUM_CLASSES as _NUM_CLASSES
 from .precision_null import class_counts as _class_counts
-from .precision_null import spacing_class
 from .principal_sharded import ShardedPrincipal
 from .shard_geometry import aligned_nbytes, check_geometry, pack_aligned
 from .sharding import ShardingError, ShardLayout
@@ -96,7 +96,8 @@ class BaseCapture:
     """What :meth:`ShardProbe.capture_base` found, global on every rank (numpy).
 
     Attributes:
-        class_counts: (P, 4, 512) int64 bf16 spacing-class counts of W0 and its reference masks.
+        class_counts: (P, 4, precision_null.NUM_CLASSES) int64 precision-null classes (bf16 spacing x
+            position in its cell) of the original W0, overall and inside its reference masks.
         fingerprints: (P, 2) int64 base fingerprints.
         nonfinite: (P,) int64 NaN/Inf values in W0.
         reference_packed: rank 0: per matrix (3, nbytes) uint8 of the whole matrix; None elsewhere.
@@ -193,10 +194,11 @@ class ShardProbe:
         self.comm.phase = "base"
         cfg = self.config
         P = len(self.layout.shards)
-        reduce_buf = torch.zeros(P * (4 * 512 + 2 + 1), dtype=torch.int64)
-        class_block = reduce_buf[: P * 4 * 512].view(P, 4, 512)
-        fp_block = reduce_buf[P * 4 * 512 : P * (4 * 512 + 2)].view(P, 2)
-        bad_block = reduce_buf[P * (4 * 512 + 2) :]
+        C = 4 * _NUM_CLASSES
+        reduce_buf = torch.zeros(P * (C + 2 + 1), dtype=torch.int64)
+        class_block = reduce_buf[: P * C].view(P, 4, _NUM_CLASSES)
+        fp_block = reduce_buf[P * C : P * (C + 2)].view(P, 2)
+        bad_block = reduce_buf[P * (C + 2) :]
         principal = ShardedPrincipal(self.comm, self.geometry, cfg.principal_rank)
         states: list[ShardState | None] = [None] * P
         for group in self._base_groups():
@@ -228,7 +230,7 @@ class ShardProbe:
                 principal_mask, low = masks[2 * j], masks[2 * j + 1]
                 pnl = principal_mask & ~low
                 if numel:
-                    class_block[p] = _class_counts(spacing_class(bits), [principal_mask, low, pnl]).cpu()
+                    class_block[p] = _class_counts(self.layout.shards[p].local(), [principal_mask, low, pnl]).cpu()  # original W0 (precision null)
                     fp_block[p] = fingerprint_partial(bits, start).cpu()
                     bad_block[p] = int(((bits & ABS_MASK) >= INF_BITS).sum())
                     reference = torch.stack([pack_aligned(principal_mask, start), pack_aligned(low, start), pack_aligned(pnl, start)])

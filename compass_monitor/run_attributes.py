@@ -27,7 +27,7 @@ METHODS = {
     "changed": "bitwise bf16 inequality, +0 == -0, NaN always changed (paper Def. 2.1, App. D.2)",
     "principal_mask": "top-alpha of |rank-k reconstruction of W0|: top-k eigenvectors (float64 eigh) of the exact fixed-point Gram matrix of the smaller side, projection in float64 chunks of 256 global rows, selected in float64; identical bits on any number of ranks (compass_monitor.principal); exact count floor(alpha*n), ties by lowest flat index",
     "low_mask": "bottom-alpha of |W0|, exact count floor(alpha*n), ties by lowest flat index",
-    "precision_null": "i.i.d. Gaussian noise sized to flip |M| weights in expectation, closed form over 512 bf16 spacing classes",
+    "precision_null": "i.i.d. Gaussian noise added to the original W0, sized to flip |M| bf16 values in expectation; closed form over classes of bf16 spacing x position of W0 in its rounding cell (layout and on-/off-grid case: attributes of base/class_counts)",
 }
 
 

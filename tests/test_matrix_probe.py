@@ -15,6 +15,7 @@ import torch
 
 from compass_monitor.exact_selection import select_count
 from compass_monitor.matrix_probe import base_fingerprint
+from compass_monitor.precision_null import NUM_CLASSES
 from compass_monitor.sharding import ShapeChangedError, _whole
 from whole_probe import capture_base, measure
 from compass_monitor.selection import ParamSpec
@@ -204,7 +205,9 @@ def test_capture_and_measure_against_numpy(rng, shape, rank, inject, nonfinite_b
     assert np.array_equal(state.reference_packed.numpy(), np.stack([np.packbits(x.ravel()) for x in (principal, low, principal & ~low)]))
     cls = my_class(canon).ravel()
     expected_classes = np.stack([np.bincount(cls, minlength=512)] + [np.bincount(cls[x.ravel()], minlength=512) for x in (principal, low, principal & ~low)])
-    assert np.array_equal(class_counts.numpy(), expected_classes)
+    # The base is on the bf16 grid: all in position bin 0 (the first 512 classes) of the precision null.
+    assert class_counts.shape == (4, NUM_CLASSES) and class_counts[:, 512:].sum() == 0
+    assert np.array_equal(class_counts.numpy()[:, :512], expected_classes)
 
     # --- two snapshots
     previous = np.zeros(shape, dtype=bool)

@@ -10,7 +10,7 @@ from torch import nn
 
 from compass_monitor import CompassMonitor, MonitorConfig, open_run
 from compass_monitor.integrations.pytorch import attach_optimizer
-from compass_monitor.precision_null import null_overlaps
+from compass_monitor.precision_null import NUM_CLASSES, POSITION_BINS, base_case, null_overlaps
 
 
 def bf16_values(t: torch.Tensor) -> np.ndarray:
@@ -140,9 +140,15 @@ def test_class_counts_match_base(trained):
         codes = base[p.name].to(torch.bfloat16).view(torch.int16).numpy().astype(np.uint16).ravel()
         mags = codes & 0x7FFF
         classes = 2 * (mags >> 7).astype(np.int64) + ((mags & 0x7F) == 0)
-        np.testing.assert_array_equal(run.base_class_counts[p.index, 0], np.bincount(classes, minlength=512))
+        # The precision null's classes are spacing x position of W0 in its cell: summed over positions, spacing.
+        by_spacing = run.base_class_counts[p.index].reshape(4, POSITION_BINS, 512).sum(axis=1)
+        np.testing.assert_array_equal(by_spacing[0], np.bincount(classes, minlength=512))
         princ = run.reference_mask(p, "principal").ravel()
-        np.testing.assert_array_equal(run.base_class_counts[p.index, 1], np.bincount(classes[princ], minlength=512))
+        np.testing.assert_array_equal(by_spacing[1], np.bincount(classes[princ], minlength=512))
+        on_grid = base[p.name].float().numpy().ravel() == base[p.name].to(torch.bfloat16).float().numpy().ravel()
+        assert run.base_class_counts[p.index, 0, :512].sum() == on_grid.sum()
+    attributes = run.base_class_attributes
+    assert attributes["case"] == base_case(run.base_class_counts)["case"] and attributes["layout"]["num_classes"] == NUM_CLASSES
 
 
 def test_optional_roles_reported_separately(tmp_path):

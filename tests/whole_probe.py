@@ -26,7 +26,7 @@ class Measurement:
 
 
 def capture_base(spec, weight: torch.Tensor, *, rank: int, alpha: float):
-    """(state, class_counts (4, 512), fingerprint (2,), nonfinite count) of one whole matrix."""
+    """(state, class_counts (4, precision_null.NUM_CLASSES), fingerprint (2,), nonfinite count) of one whole matrix."""
     config = MonitorConfig(principal_rank=rank, alpha=alpha, include_embeddings=True)
     probe = ShardProbe(ShardLayout(shards=[_whole(spec, weight)], kind="plain"), config)
     base = probe.capture_base()

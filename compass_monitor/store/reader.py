@@ -300,6 +300,11 @@ class Run:
     def base_class_counts(self) -> np.ndarray:
         return np.asarray(self._group[schema.BASE_CLASS_COUNTS][...])
 
+    @property
+    def base_class_attributes(self) -> dict[str, Any]:
+        """The precision null's class layout and case (``on-grid``/``off-grid``); {} in older stores."""
+        return dict(self._group[schema.BASE_CLASS_COUNTS].attrs)
+
     def base_codes(self, param: str | int | ParamInfo) -> np.ndarray | None:
         """Canonical bf16 codes of W0 (m, n) int16, or None if the run did not store them."""
         info = self.param(param)

@@ -356,11 +356,15 @@ class RunWriter:
         class_counts: np.ndarray,
         reference_packed: list[np.ndarray],
         base_codes: list[np.ndarray] | None = None,
+        class_attributes: dict[str, Any] | None = None,
     ) -> None:
-        """Store what is computed once from W0: fingerprints, spacing classes, reference masks,
+        """Store what is computed once from W0: fingerprints, precision-null classes (with
+        ``class_attributes``, their layout and case, as the array's attributes), reference masks,
         and (if given) the canonical bf16 codes of W0 itself (int16, needed to resume)."""
         self._group.create_array(schema.BASE_FINGERPRINT, data=np.asarray(fingerprints, dtype=np.int64), compressors=_ZSTD, overwrite=True)
-        self._group.create_array(schema.BASE_CLASS_COUNTS, data=np.asarray(class_counts, dtype=np.int64), compressors=_ZSTD, overwrite=True)
+        classes = self._group.create_array(schema.BASE_CLASS_COUNTS, data=np.asarray(class_counts, dtype=np.int64), compressors=_ZSTD, overwrite=True)
+        if class_attributes:
+            classes.attrs.update(class_attributes)
         for array, packed in zip(self._reference, reference_packed):
             array[...] = packed
         if base_codes is not None:
