@@ -40,10 +40,12 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/synthetic_runs.py
 
 WRITER = """
 import sys, time
-from compass_monitor.tui.synthetic import SyntheticSpec, SyntheticWriter
+sys.path.insert(0, "tests")  # the synthetic runs are test scaffolding (tests/synthetic_runs.py)
+from synthetic_runs import SyntheticSpec, SyntheticWriter
 w = SyntheticWriter(sys.argv[1], spec=SyntheticSpec(layers=29), seed=0)
 w.append()
 print("start", flush=True)
@@ -173,7 +175,7 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", module=r"zarr(\..*)?$")
-    from compass_monitor.tui.synthetic import write_bulk_run
+    from synthetic_runs import write_bulk_run
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tui-"))
     try:

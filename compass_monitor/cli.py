@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .store import StoreError, open_run
 from .summary import summary_text
@@ -28,7 +29,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise ValueError(f"compare needs at least two runs, got {len(args.runs)}")
     if args.tui:
-        from .tui.screens.compare import run_compare_tui  # Textual only for --tui
+        from .tui.launch import run_compare_tui  # Textual only for --tui
 
         return run_compare_tui(args.runs)
     runs = [open_run(path) for path in args.runs]
@@ -101,8 +102,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_tui(args: argparse.Namespace) -> int:
-    from .tui.launch import run_tui  # Textual only for this command
+    from .tui.launch import run_tui  # Textual only when the app starts
 
+    if args.command == "replay" and not (Path(args.path) / "zarr.json").is_file():
+        # replay plays one run; a folder of runs is for `tui` (its run list).
+        from .tui.data import discover_runs
+
+        found = discover_runs(Path(args.path))
+        hint = f"; runs under it: {', '.join(str(p) for p in found[:3])}{', ...' if len(found) > 3 else ''}" if found else ""
+        print(f"compass-monitor replay: error: {args.path} is not a run store (no zarr.json){hint}; "
+              f"pass one run's directory, or pick one with: compass-monitor tui {args.path} --replay", file=sys.stderr)
+        return 2
     replay = args.command == "replay" or args.replay
     return run_tui(args.path, replay=replay, speed=args.speed, head_dim=args.head_dim, stale_after=args.stale_after)
 
@@ -120,7 +130,7 @@ def _add_tui_commands(sub: argparse._SubParsersAction) -> None:
     for parser, target in ((tui, "PATH"), (replay, "RUN_DIR")):
         parser.add_argument("path", metavar=target, help="a run directory" + (", or a folder of runs" if target == "PATH" else ""))
         parser.add_argument("--speed", type=float, default=2.0, help="replay speed in snapshots per second (default 2)")
-        parser.add_argument("--head-dim", type=int, default=64, help="attention head size when the run's metadata has none (default 64)")
+        parser.add_argument("--head-dim", type=int, default=None, help="attention head size for runs that did not record their model's geometry (default: draw no head boundaries for them)")
         parser.add_argument("--stale-after", type=float, default=120.0, help="seconds without a commit before a running run shows STALE (default 120, at least 3x its snapshot interval)")
         parser.set_defaults(func=_cmd_tui, replay=False)
     tui.add_argument("--replay", action="store_true", help="start in replay mode (like the replay command)")

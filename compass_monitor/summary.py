@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from .aggregates import by_module_type, everything_linear, group_stats
 from .store import Run
 
-__all__ = ["summary_text"]
+__all__ = ["WIDTH", "status_text", "summary_text"]
 
 _TYPE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "embedding", "lm_head", "norm", "bias")
 _MASK_LABELS = (("principal", "princ"), ("low", "low"), ("principal_not_low", "p¬low"))
@@ -26,28 +27,60 @@ def _select_rows(num: int, max_rows: int) -> list[int]:
     return sorted(set(np.linspace(0, num - 1, max_rows).round().astype(int).tolist()))
 
 
+#: the widest line summary_text prints (a terminal of 80 columns shows it without wrapping)
+WIDTH = 80
+
+
+def _wrap(text: str, indent: str = "") -> list[str]:
+    return textwrap.wrap(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False) or [""]
+
+
+def status_text(run: Run, *, now: float | None = None) -> str:
+    """The run's state in words, from the store's one definition (:attr:`Run.liveness`, which ``inspect`` and the TUI use).
+
+    ``finished``, ``disabled``, ``running`` (its writer is alive), ``stale`` (running, but no commit for
+    longer than the store's staleness threshold) or ``crashed`` (running, but its writer process is gone),
+    with the age of the last write.
+    """
+    now = time.time() if now is None else now
+    heartbeat = run.commit.get("heartbeat")
+    age = f", last write {max(0.0, now - heartbeat):.0f}s ago" if heartbeat else ""
+    state = run.liveness
+    if state == "crashed":
+        return f"stale: running, but its writer process is gone{age}"
+    if state == "stale":
+        return f"stale: running, but its writer is silent{age}"
+    return f"{run.status}{age}"
+
+
+def _type_blocks(ordered: list[str], fixed: int, per_type: int) -> list[list[str]]:
+    """Module types in blocks narrow enough that a row of ``fixed + per_type * len(block)`` fits in WIDTH."""
+    size = max(1, (WIDTH - fixed) // per_type)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)] or [[]]
+
+
 def summary_text(run: Run, *, max_rows: int = 20) -> str:
-    """A readable table: step, global sparsity, sparsity per module type, overlaps vs baselines."""
+    """A readable table, at most 80 columns wide: step, global sparsity, sparsity per module type, overlaps vs baselines."""
     lines = []
     run_info = run.attrs.get("run", {})
     numel = sum(p.numel for p in run.params)
-    heartbeat = run.commit.get("heartbeat")
-    age = f", last write {time.time() - heartbeat:.0f}s ago" if heartbeat else ""
     alpha = run.config.get("alpha", float("nan"))
-    lines.append(
-        f"run {run_info.get('name', run.path.name)!r} [{run.status}{age}]: {len(run.params)} matrices, "
-        f"{numel / 1e6:.2f}M weights, {run.num_snapshots} snapshots, every {run.config.get('every_n_steps', '?')} steps"
+    lines += _wrap(
+        f"run {run_info.get('name', run.path.name)!r} [{status_text(run)}]: {len(run.params)} matrices, "
+        f"{numel / 1e6:.2f}M weights, {run.num_snapshots} snapshots, every {run.config.get('every_n_steps', '?')} steps",
+        "  ",
     )
     gaps = getattr(run, "gaps", [])
     if gaps:
-        lines.append(
+        lines += _wrap(
             f"gaps: {sum(g[2] for g in gaps)} snapshot(s) skipped because the store writer was behind, at steps "
             + ", ".join(f"{a}" + (f"..{b}" if b != a else "") for a, b, _ in gaps[:8])
-            + (", ..." if len(gaps) > 8 else "")
+            + (", ..." if len(gaps) > 8 else ""),
+            "  ",
         )
     dropped = [e for e in getattr(run, "history", []) if e.get("event") == "resumed" and e.get("dropped")]
     if dropped:
-        lines.append("resumed: " + "; ".join(f"at step {e.get('step')}, {e.get('dropped')} later snapshot(s) dropped" for e in dropped))
+        lines += _wrap("resumed: " + "; ".join(f"at step {e.get('step')}, {e.get('dropped')} later snapshot(s) dropped" for e in dropped), "  ")
     if run.num_snapshots == 0:
         lines.append("no committed snapshots yet")
         return "\n".join(lines)
@@ -55,33 +88,40 @@ def summary_text(run: Run, *, max_rows: int = 20) -> str:
     overall = group_stats(run, everything_linear).get("all linear")
     types = group_stats(run, by_module_type)
     ordered = [t for t in _TYPE_ORDER if t in types] + sorted(t for t in types if t not in _TYPE_ORDER)
+    rows = _select_rows(run.num_snapshots, max_rows)
 
     lines.append("")
-    lines.append(f"update sparsity (1 - |M|/n, Def. 2.2) and overlap |X∩M|/|M| with X = principal (k={run.config.get('principal_rank')}), low, principal-not-low")
-    lines.append(f"  'rand' = random baseline (density of X; alpha={alpha}), 'null' = precision null (geometry-blind noise, same |M|)")
-    header = f"{'step':>7} {'all':>6} " + " ".join(f"{t[:6]:>6}" for t in ordered)
-    for _, label in _MASK_LABELS:
-        header += f" | {label:>6} {'rand':>5} {'null':>5}"
-    lines.append(header)
-    for t in _select_rows(run.num_snapshots, max_rows):
-        row = f"{int(run.steps[t]):>7} {_fmt(overall.sparsity[t]) if overall else _fmt(np.nan)} "
-        row += " ".join(_fmt(types[name].sparsity[t]) for name in ordered)
+    lines += _wrap("update sparsity 1 - |M|/n (Def. 2.2) of all linear matrices and per module type")
+    for block in _type_blocks(ordered, 14, 7):
+        lines.append(f"{'step':>7} {'all':>6} " + " ".join(f"{t[:6]:>6}" for t in block))
+        for t in rows:
+            row = f"{int(run.steps[t]):>7} {_fmt(overall.sparsity[t]) if overall else _fmt(np.nan)} "
+            lines.append(row + " ".join(_fmt(types[name].sparsity[t]) for name in block))
+
+    lines.append("")
+    lines += _wrap(
+        f"overlap |X∩M|/|M| of all linear matrices with X = principal (k={run.config.get('principal_rank')}), "
+        f"low, principal-not-low; 'rand' = random baseline (density of X; alpha={alpha}), "
+        "'null' = precision null (geometry-blind noise, same |M|)"
+    )
+    lines.append(f"{'step':>7}" + "".join(f" | {label:>6} {'rand':>5} {'null':>5}" for _, label in _MASK_LABELS))
+    for t in rows:
+        row = f"{int(run.steps[t]):>7}"
         for mask, _ in _MASK_LABELS:
-            stats = overall
-            if stats is None:
-                row += f" | {_fmt(np.nan)} {_fmt(np.nan, 5, 2)} {_fmt(np.nan, 5, 2)}"
-                continue
-            row += f" | {_fmt(stats.overlap[mask][t])} {_fmt(stats.random_baseline[mask][t], 5, 2)} {_fmt(stats.null[mask][t], 5, 3)}"
+            if overall is None:
+                row += f" | {_fmt(np.nan)} {_fmt(np.nan, 5, 2)} {_fmt(np.nan, 5, 3)}"
+            else:
+                row += f" | {_fmt(overall.overlap[mask][t])} {_fmt(overall.random_baseline[mask][t], 5, 2)} {_fmt(overall.null[mask][t], 5, 3)}"
         lines.append(row)
 
     last = run.num_snapshots - 1
     lines.append("")
-    lines.append(f"at step {int(run.steps[last])}, per module type:")
-    lines.append(f"{'type':>10} {'mats':>5} {'weights':>10} {'sparsity':>9}" + "".join(f" | {label:>6} {'null':>6}" for _, label in _MASK_LABELS))
+    lines.append(f"at step {int(run.steps[last])}, per module type (overlap and its precision null):")
+    lines.append(f"{'type':>7} {'mats':>5} {'weights':>10} {'sparsity':>9}" + "".join(f"|{label:>6} {'null':>6}" for _, label in _MASK_LABELS))
     for name in ordered:
         s = types[name]
-        row = f"{name:>10} {s.num_matrices:>5} {s.numel:>10} {_fmt(s.sparsity[last], 9, 4)}"
-        row += "".join(f" | {_fmt(s.overlap[m][last])} {_fmt(s.null[m][last])}" for m, _ in _MASK_LABELS)
+        row = f"{name[:7]:>7} {s.num_matrices:>5} {s.numel:>10} {_fmt(s.sparsity[last], 9, 4)}"
+        row += "".join(f"|{_fmt(s.overlap[m][last])} {_fmt(s.null[m][last])}" for m, _ in _MASK_LABELS)
         lines.append(row)
     lines += _spectral_lines(run, ordered)
     return "\n".join(lines)
@@ -94,11 +134,9 @@ def _spectral_lines(run: Run, ordered: list[str]) -> list[str]:
         return []
     t = int(np.nonzero(np.isfinite(values).any(axis=(1, 2)))[0][-1])
     k = run.config.get("spectral_k", "?")
-    lines = [
-        "",
-        f"spectral drift at step {int(run.steps[t])} (Sec. 4.1; k={k}): mean and max NSS, largest principal angle (deg), top-k energy change",
-        f"{'type':>10} {'NSS mean':>10} {'NSS max':>10} {'angle U':>8} {'angle V':>8} {'energy':>10}",
-    ]
+    lines = [""]
+    lines += _wrap(f"spectral drift at step {int(run.steps[t])} (Sec. 4.1; k={k}): mean and max NSS, largest principal angle (deg), top-k energy change")
+    lines.append(f"{'type':>10} {'NSS mean':>10} {'NSS max':>10} {'angle U':>8} {'angle V':>8} {'energy':>10}")
     for name in ordered:
         idx = [p.index for p in run.params if (p.module_type if p.role == "linear" else p.role) == name]
         v = values[t, idx]

@@ -12,9 +12,10 @@ plugin hooks, verl's own ``TrainingWorker`` with its FSDP2 engine, on the CPU:
 a tiny random Llama, SFT-style updates of two mini-batches each (two optimizer
 steps per update), a checkpoint, a crash, and a resume from the checkpoint::
 
-    python examples/verl_cpu.py runs/verl          # needs verl 0.9 (its own environment: it pins transformers<5.11)
-    python examples/verl_cpu.py runs/verl2 --world-size 2   # FSDP2 shards the actor over two gloo ranks
-    compass-monitor summary runs/verl
+    make .venv-verl/.installed                     # verl 0.9 needs its own environment (it pins transformers<5.11)
+    .venv-verl/bin/python examples/verl_cpu.py runs/verl
+    .venv-verl/bin/python examples/verl_cpu.py runs/verl2 --world-size 2   # FSDP2 shards the actor over two gloo ranks
+    .venv/bin/compass-monitor summary runs/verl
 
 verl 0.9 ships no CPU platform, so the script registers one (device "cpu",
 gloo, memory statistics 0) and asks verl's engine registry for the FSDP engine
@@ -141,6 +142,8 @@ def both_phases() -> None:
         tokenizer.save_pretrained(MODEL_DIR)
     Path(CKPT_DIR).mkdir(parents=True, exist_ok=True)
     for phase in ("first", "resume"):
+        Path(f"{CKPT_DIR}.pg-{phase}").unlink(missing_ok=True)  # a rendezvous file left by an earlier run would hang the ranks
+    for phase in ("first", "resume"):
         command = [sys.executable, __file__, RUN_DIR, "--model", MODEL_DIR, "--ckpt", CKPT_DIR, "--phase", phase,
                    "--read", _options.read, "--world-size", str(_options.world_size)]
         ranks = [subprocess.Popen([*command, "--rank", str(r)]) for r in range(_options.world_size)]
@@ -157,9 +160,10 @@ def main() -> None:
     from verl.workers.utils.losses import sft_loss
 
     rank, world_size = _options.rank, _options.world_size
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{CKPT_DIR}.pg-{PHASE}", rank=rank, world_size=world_size
-    )
+    # file:// takes an absolute path: a relative one (runs/verl-work/...) reads as host "runs" (DistStoreError).
+    rendezvous = Path(f"{CKPT_DIR}.pg-{PHASE}").resolve()
+    rendezvous.parent.mkdir(parents=True, exist_ok=True)
+    torch.distributed.init_process_group("gloo", init_method=rendezvous.as_uri(), rank=rank, world_size=world_size)
     model_config = HFModelConfig(
         path=MODEL_DIR, use_remove_padding=False, enable_gradient_checkpointing=False,
         override_config={"attn_implementation": "sdpa"},

@@ -16,7 +16,7 @@ from compass_monitor.tui.screens.matrix import MatrixScreen
 from compass_monitor.tui.screens.run import RunScreen
 from compass_monitor.tui.screens.runs import RunsScreen
 from compass_monitor.tui.screens.compare import CompareScreen
-from compass_monitor.tui.synthetic import SyntheticSpec, write_synthetic_run
+from synthetic_runs import SyntheticSpec, write_synthetic_run
 from tui_helpers import text_of, wait_for
 
 
@@ -181,3 +181,24 @@ def test_spectral_tab_shows_series_when_the_run_has_them(tmp_path, monkeypatch):
         assert "nss at step 40: 3e-05" in text_of(matrix, "#spectral-note")
 
     run_app(CompassApp(run), with_series)
+
+
+def test_run_list_names_runs_by_folder(tmp_path):
+    """runs/demo, runs/demo-s1 and runs/demo-tty all carry the metadata name "demo": the list tells them apart."""
+    from synthetic_runs import SyntheticWriter
+    from textual.widgets import DataTable
+
+    for folder in ("demo", "demo-s1", "demo-tty"):
+        writer = SyntheticWriter(tmp_path / "runs" / folder, name="demo")
+        writer.append()
+        writer.finish()
+
+    async def body(pilot):
+        screen = pilot.app.screen
+        await wait_for(pilot, lambda: len(screen.statuses) == 3, what="the run list")
+        await pilot.pause()
+        table = screen.query_one(DataTable)
+        names = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+        assert names == ["demo", "demo-s1 (demo)", "demo-tty (demo)"]
+
+    run_app(CompassApp(tmp_path / "runs"), body)

@@ -14,8 +14,9 @@ pytest.importorskip("textual")
 from compass_monitor.report.crossrun import consensus_map, cross_run_stats
 from compass_monitor.store import open_run
 from compass_monitor.tui.data import RunView, block_density
-from compass_monitor.tui.screens.compare import CompareScreen, compare_app
-from compass_monitor.tui.synthetic import SyntheticSpec, write_synthetic_run
+from compass_monitor.tui.launch import compare_app
+from compass_monitor.tui.screens.compare import CompareScreen
+from synthetic_runs import SyntheticSpec, write_synthetic_run
 from compass_monitor.tui.widgets.density_map import DensityMap
 from compass_monitor.tui.widgets.details import compare_details
 

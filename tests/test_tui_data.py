@@ -31,7 +31,7 @@ from compass_monitor.tui.data import (
     writer_gone,
 )
 from compass_monitor.tui.source import RunSource, StatusReader, density_grid, preview_grid
-from compass_monitor.tui.synthetic import SyntheticSpec, SyntheticWriter, write_synthetic_run
+from synthetic_runs import SyntheticSpec, SyntheticWriter, write_synthetic_run
 from compass_monitor.tui.timeline import Timeline
 
 

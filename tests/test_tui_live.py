@@ -18,7 +18,7 @@ from compass_monitor.tui.screens.compare import CompareScreen
 from compass_monitor.tui.screens.dialogs import FilterScreen, PickRunScreen
 from compass_monitor.tui.screens.matrix import MatrixScreen
 from compass_monitor.tui.screens.run import RunScreen
-from compass_monitor.tui.synthetic import SyntheticSpec, write_synthetic_run
+from synthetic_runs import SyntheticSpec, write_synthetic_run
 from compass_monitor.tui.widgets.density_map import DensityMap
 from tui_helpers import heatmap_text, read_line, text_of, wait_for
 
@@ -106,6 +106,11 @@ async def follow_scrub_filter_drill_compare(proc, run_dir: Path) -> None:
         assert values == sorted(values, reverse=True)
         await pilot.press("s", "s")  # back to layer order
         assert screen.sort == "layer"
+
+        # The selected matrix stays selected through filters and sorts (L0 down, chosen by the filter above).
+        assert screen.view.params[screen.selected_index].name == "model.layers.0.mlp.down_proj.weight"
+        await pilot.press("pageup")
+        assert screen.view.params[screen.selected_index].name == "model.layers.0.self_attn.q_proj.weight"
 
         # Drill down: the mask map loads in a worker; flips mode; profiles; overlap.
         await pilot.press("enter")

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("pytest_textual_snapshot")
 
 from compass_monitor.tui.app import CompassApp
-from compass_monitor.tui.synthetic import write_synthetic_run
+from synthetic_runs import write_synthetic_run
 from compass_monitor.tui.widgets.density_map import DensityMap
 from tui_helpers import wait_for
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts `compass-monitor tui` on a stored run in a real terminal (tmux), and checks that the screen
 # shows the run's numbers as the reader computes them; then quits with `q`.
-#   tests/tui_tmux_check.sh [PYTHON]
+#   tests/tui_tmux_check.sh [PYTHON]      (terminal size: COLS x ROWS, default 100 x 30; NO_COLOR and TERM pass through)
 # Exit 0: pass; 1: fail (the captured screen is printed); 77: skipped (no tmux).
 set -euo pipefail
 PY="${1:-${PYTHON:-.venv/bin/python}}"
@@ -14,11 +14,15 @@ SESSION="compass-tui-check-$$"
 trap 'tmux kill-session -t "$SESSION" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 # A stored run and the numbers the screen must show (from the reader, not from the TUI).
-"$PY" - "$WORK/run" > "$WORK/expected" <<'PYEOF'
+COLS="${COLS:-100}"
+ROWS="${ROWS:-30}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+"$PY" - "$WORK/run" "$HERE" > "$WORK/expected" <<'PYEOF'
 import sys
 from compass_monitor import open_run
 from compass_monitor.aggregates import everything_linear, group_stats
-from compass_monitor.tui.synthetic import write_synthetic_run
+sys.path.insert(0, sys.argv[2])
+from synthetic_runs import write_synthetic_run
 path = write_synthetic_run(sys.argv[1], snapshots=7, seed=5)
 run = open_run(path)
 sparsity = group_stats(run, everything_linear)["all linear"].sparsity[-1]
@@ -31,7 +35,8 @@ print("FINISHED")
 print("L1 down")
 PYEOF
 
-tmux new-session -d -s "$SESSION" -x 100 -y 30 "'$PY' -m compass_monitor.cli tui '$WORK/run'; echo EXITED; sleep 5"
+ENVS="TERM=${TERM:-xterm-256color}${NO_COLOR+ NO_COLOR=$NO_COLOR}"
+tmux new-session -d -s "$SESSION" -x "$COLS" -y "$ROWS" "env $ENVS '$PY' -m compass_monitor.cli tui '$WORK/run'; echo EXITED \$?; sleep 5"
 screen=""
 for _ in $(seq 1 100); do
     screen="$(tmux capture-pane -p -t "$SESSION")"
@@ -52,8 +57,12 @@ for _ in $(seq 1 50); do
     if grep -q EXITED <<<"$(tmux capture-pane -p -t "$SESSION")"; then break; fi
     sleep 0.1
 done
-if ! grep -q EXITED <<<"$(tmux capture-pane -p -t "$SESSION")"; then
+final="$(tmux capture-pane -p -t "$SESSION")"
+if ! grep -q EXITED <<<"$final"; then
     echo "FAIL: q did not quit the app"
+    status=1
+elif ! grep -q "EXITED 0" <<<"$final"; then
+    echo "FAIL: the app exited with a non-zero status: $(grep EXITED <<<"$final")"
     status=1
 fi
 if [ "$status" -ne 0 ]; then
@@ -61,4 +70,4 @@ if [ "$status" -ne 0 ]; then
     echo "$screen"
     exit 1
 fi
-echo "OK: the TUI showed $(paste -sd ';' "$WORK/expected") in a real terminal and quit on q"
+echo "OK (${COLS}x${ROWS}, $ENVS): the TUI showed $(paste -sd ';' "$WORK/expected") in a real terminal and quit on q"

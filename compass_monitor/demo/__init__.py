@@ -7,85 +7,103 @@ generated sentiment task with negations and a verifiable answer. The monitor
 snapshots every N optimizer steps into a run store; the summary follows.
 
 This subpackage is an application on top of the core: it imports transformers,
-and is imported only by the ``demo`` command.
+and is imported only by the ``demo`` command. In a terminal it trains in a
+child process and shows the run in the TUI (:mod:`.live`, which calls the TUI's
+launcher); the TUI never imports the demo.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from compass_monitor import CompassMonitor, MonitorConfig, NotARunError, open_run
-from compass_monitor.integrations.pytorch import attach_optimizer
+from compass_monitor import MonitorConfig, open_run
 from compass_monitor.summary import summary_text
 
-__all__ = ["run_demo"]
+from .progress import Progress
+from .run_dir import DEMO_TAG, clear_previous_demo
+
+__all__ = ["run_demo", "reading"]
 
 log = logging.getLogger(__name__)
 
-DEMO_TAG = "compass-monitor demo"
+#: the logger scalar the progress lines quote (aggregates.scalars' key for all linear matrices)
+_SPARSITY_KEY = "compass/all_linear/sparsity"
 
 
-def _clear_previous_demo(run_dir: Path) -> None:
-    """Remove an earlier demo run at ``run_dir``; refuse anything else."""
-    if not run_dir.exists():
-        return
-    try:
-        previous = open_run(run_dir)
-    except NotARunError:
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
-            return
-        raise NotARunError(f"{run_dir} exists and is not a demo run; pass --run-dir with a new directory") from None
-    if previous.attrs.get("metadata", {}).get("source") != DEMO_TAG:
-        raise NotARunError(f"{run_dir} holds a run that the demo did not write; pass --run-dir with a new directory")
-    shutil.rmtree(run_dir)
+def _model_geometry(model) -> dict[str, int]:
+    """Head geometry from the model's config, so that the TUI draws MiniLM's heads (32 wide), not a default."""
+    config = getattr(model, "config", None)
+    out: dict[str, int] = {}
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            out[key] = value
+    if "head_dim" not in out and out.get("num_attention_heads") and out.get("hidden_size", 0) % out["num_attention_heads"] == 0:
+        out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
+    return out
 
 
-def run_demo(*, run_dir: str = "runs/demo", steps: int = 30, every_n_steps: int = 5, seed: int = 0, tui: bool | None = None) -> int:
+def run_demo(*, run_dir: str = "runs/demo", steps: int = 30, every_n_steps: int = 5, seed: int = 0, tui: bool | None = None,
+             progress_every: float = 5.0) -> int:
     """Train, monitor, print the summary. Returns a process exit code.
 
-    With ``tui`` (default: when stdout is a terminal) training runs in a child
-    process while the TUI shows it; the summary is printed after the TUI closes.
+    With ``tui`` (default: when stdin and stdout are a terminal) training runs in
+    a child process while the TUI shows it; the summary is printed after the TUI
+    closes. Progress lines (step, reward, latest sparsity) come at least every
+    ``progress_every`` seconds.
     """
     if tui is None:
         tui = sys.stdout.isatty() and sys.stdin.isatty()
     if tui:
-        from compass_monitor.tui.live_demo import demo_with_tui
+        from .live import demo_with_tui
 
         code = demo_with_tui(run_dir=run_dir, steps=steps, every_n_steps=every_n_steps, seed=seed)
         if code is not None:
             return code
-    from .grpo import train_grpo
-    from .policy import load_pretrained, model_path
-
     path = Path(run_dir)
-    _clear_previous_demo(path)
+    clear_previous_demo(path)
     started = time.time()
-    model, tokenizer = load_pretrained()
-    config = MonitorConfig(every_n_steps=every_n_steps, spectral_every=4, spectral_k=16)
-    monitor = CompassMonitor(
-        model,
-        path,
-        config=config,
-        run_name="demo",
-        metadata={
-            "source": DEMO_TAG,
-            "model": "sentence-transformers/all-MiniLM-L6-v2",
-            "weights": str(model_path()),
-            "algorithm": "GRPO (group-normalised advantage, ratio clipping), fp32 master weights, AdamW",
-            "seed": seed,
-        },
-    )
-    print(
-        f"demo: GRPO on all-MiniLM-L6-v2, {steps} GRPO steps, monitoring {len(monitor.specs)} matrices "
-        f"({monitor.num_weights / 1e6:.1f}M weights) every {every_n_steps} optimizer steps -> {path}",
-        flush=True,
-    )
-    result = train_grpo(model, tokenizer, steps=steps, seed=seed, on_optimizer=lambda opt: attach_optimizer(monitor, opt))
-    monitor.close()
+    with Progress(total_steps=steps, every=progress_every) as progress:
+        progress.phase("loading torch, transformers and the model (all-MiniLM-L6-v2)")
+        from compass_monitor import CompassMonitor
+        from compass_monitor.integrations.pytorch import attach_optimizer
+
+        from .grpo import train_grpo
+        from .policy import load_pretrained, model_path
+
+        model, tokenizer = load_pretrained()
+        progress.phase("capturing the base weights and their principal and low-magnitude masks")
+        config = MonitorConfig(every_n_steps=every_n_steps, spectral_every=4, spectral_k=16)
+        monitor = CompassMonitor(
+            model,
+            path,
+            config=config,
+            run_name="demo",
+            metadata={
+                "source": DEMO_TAG,
+                "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "weights": str(model_path()),
+                "algorithm": "GRPO (group-normalised advantage, ratio clipping), fp32 master weights, AdamW",
+                "seed": seed,
+                "model_config": _model_geometry(model),
+            },
+        )
+        progress.say(
+            f"GRPO on all-MiniLM-L6-v2, {steps} GRPO steps, monitoring {len(monitor.specs)} matrices "
+            f"({monitor.num_weights / 1e6:.1f}M weights) every {every_n_steps} optimizer steps -> {path}"
+        )
+        progress.phase("evaluating the base policy, then training")
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            progress.step(step, metrics, monitor.latest_scalars().get(_SPARSITY_KEY))
+            if step == steps:
+                progress.phase("final evaluation and the last snapshot")
+
+        result = train_grpo(model, tokenizer, steps=steps, seed=seed, on_optimizer=lambda opt: attach_optimizer(monitor, opt), on_step=on_step)
+        monitor.close()
     print(
         f"demo: {result.optimizer_steps} optimizer steps in {result.seconds:.0f}s; eval accuracy "
         f"{result.accuracy_before:.3f} -> {result.accuracy_after:.3f} (total {time.time() - started:.0f}s)\n",

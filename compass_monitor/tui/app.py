@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from textual.app import App
@@ -25,11 +25,13 @@ class CompassApp(App):
         path: a run directory, or a folder of runs (it may not exist yet).
         replay: open the run at its first snapshot and play it forward.
         speed: replay speed in snapshots per second.
-        head_dim: attention head size when the run's metadata has none.
+        head_dim: attention head size for runs that recorded no model geometry (None: no head marks).
         stale_after: seconds without a heartbeat after which a running run is STALE
             (at least 3x its usual snapshot interval).
         poll_interval: seconds between checks of a followed run's commit file.
         clock: the wall clock (tests freeze it).
+        waiting: the line shown while ``path`` does not exist yet (the live demo: its latest progress line).
+        compare: open straight on the comparison of these runs (``compare --tui``; escape quits).
     """
 
     CSS_PATH = "compass.tcss"
@@ -47,10 +49,12 @@ class CompassApp(App):
         *,
         replay: bool = False,
         speed: float = 2.0,
-        head_dim: int = 64,
+        head_dim: int | None = None,
         stale_after: float = 120.0,
         poll_interval: float = 0.25,
         clock: Callable[[], float] = time.time,
+        waiting: Callable[[], str] | None = None,
+        compare: Sequence[Path] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(path)
@@ -60,8 +64,13 @@ class CompassApp(App):
         self.stale_after = stale_after
         self.poll_interval = poll_interval
         self.clock = clock
+        self.waiting = waiting
+        self.compare = list(compare) if compare else None
 
     def on_mount(self) -> None:
+        if self.compare:
+            self.push_screen(CompareScreen(*self.compare))
+            return
         is_run = (self.root / "zarr.json").is_file()
         self.push_screen(RunsScreen(self.root, opened=is_run))
         if is_run:

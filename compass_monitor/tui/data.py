@@ -8,7 +8,7 @@ tested without a terminal:
   needs them (density ``|M|/n`` per matrix and snapshot, Def. 2.2);
 * :class:`MatrixFilter`, :func:`row_order`: grouping (by layer, then q, k, v,
   o, gate, up, down), filtering and sorting of the heatmap's rows;
-* :func:`block_density`, :func:`head_dim_for`, :func:`head_boundaries`: the
+* :func:`block_density`, :func:`matrix_head_dim`, :func:`head_boundaries`: the
   drill-down's density map and profile marks (paper Fig. 2/3);
 * :func:`overlap_series`: overlap with principal / low / principal-not-low over
   time beside the random baseline and the precision null (Sec. 4.2);
@@ -44,6 +44,7 @@ __all__ = [
     "head_dim_for",
     "jaccard",
     "live_status",
+    "matrix_head_dim",
     "overlap_series",
     "read_commit",
     "row_label",
@@ -359,22 +360,57 @@ def block_density(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return summed / sizes
 
 
-def head_dim_for(attrs: dict[str, Any], fallback: int | None = 64) -> int | None:
-    """Attention head size: from the run's metadata if it has one, else ``fallback`` (``--head-dim``, default 64).
+def _positive_int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
-    The metadata may carry ``head_dim``, or ``hidden_size`` and ``num_attention_heads``
-    (at its top level or under ``model_config``). Boundaries are drawn only where
-    the dimension is divisible by the head size (see :func:`head_boundaries`).
+
+def head_dim_for(attrs: dict[str, Any], fallback: int | None = None) -> int | None:
+    """The run's attention head size, else ``fallback`` (``--head-dim``; None: draw no head boundaries).
+
+    Looked up in the store's attributes where the monitor records the model's
+    geometry (top level, ``model``, ``geometry``), then in the user's metadata
+    (top level or ``model_config``): ``head_dim``, or ``hidden_size`` divided by
+    ``num_attention_heads``. Boundaries are drawn only where the dimension is
+    divisible by the head size (see :func:`head_boundaries`).
     """
     meta = attrs.get("metadata", {}) or {}
-    for source in (meta, meta.get("model_config", {}) if isinstance(meta, dict) else {}):
-        if isinstance(source, dict):
-            if isinstance(source.get("head_dim"), int) and source["head_dim"] > 0:
-                return int(source["head_dim"])
-            hidden, heads = source.get("hidden_size"), source.get("num_attention_heads")
-            if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
-                return hidden // heads
+    sources = [attrs, attrs.get("model"), attrs.get("geometry"), meta, meta.get("model_config") if isinstance(meta, dict) else None]
+    for source in sources:
+        if not isinstance(source, dict):
+            continue
+        head_dim = _positive_int(source.get("head_dim"))
+        if head_dim is not None:
+            return head_dim
+        hidden, heads = _positive_int(source.get("hidden_size")), _positive_int(source.get("num_attention_heads"))
+        if hidden is not None and heads is not None and hidden % heads == 0:
+            return hidden // heads
     return fallback
+
+
+def _fact(p: ParamInfo, key: str) -> Any:
+    """An optional fact of a store record (``MatrixSpec.get``: its ``extra``), None when not recorded."""
+    get = getattr(p, "get", None)
+    return get(key) if callable(get) else getattr(p, key, None)
+
+
+def matrix_head_dim(p: ParamInfo, attrs: dict[str, Any], fallback: int | None = None) -> int | None:
+    """Head size of one matrix: its own record first (``head_dim``, or its size over ``heads``, facts the
+    store keeps in the record's ``extra``), then the run's.
+
+    Per-matrix values (recorded by the monitor from the model's config) matter for
+    grouped-query attention, where q and k/v have different head counts; stores
+    written before they were recorded have neither (None) and fall back to
+    :func:`head_dim_for`.
+    """
+    own = _positive_int(_fact(p, "head_dim"))
+    if own is not None:
+        return own
+    heads = _positive_int(_fact(p, "heads"))
+    if heads is not None and p.module_type in HEAD_TYPES:
+        size = p.shape[1] if p.module_type == "o" else p.shape[0]
+        if size % heads == 0:
+            return size // heads
+    return head_dim_for(attrs, fallback)
 
 
 def head_boundaries(p: ParamInfo, head_dim: int | None, axis: str) -> list[int]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from textual.message import Message
 
 from .data import RunView
+from .follow import follow_run
 
-__all__ = ["RunChanged", "RunFailed"]
+__all__ = ["RunChanged", "RunFailed", "follow_posting"]
 
 
 class RunChanged(Message):
@@ -30,3 +33,14 @@ class RunFailed(Message):
         super().__init__()
         self.key = key
         self.reason = reason
+
+
+def follow_posting(target: Any, key: str, path: Path, *, interval: float, cancelled: Callable[[], bool]) -> None:
+    """:func:`follow_run` that posts :class:`RunChanged` / :class:`RunFailed` (tagged ``key``) to ``target``."""
+    follow_run(
+        path,
+        changed=lambda view, run, commit, new: target.post_message(RunChanged(key, view, run, commit, new)),
+        failed=lambda reason: target.post_message(RunFailed(key, reason)),
+        interval=interval,
+        cancelled=cancelled,
+    )

@@ -14,7 +14,6 @@ independence, and the map of C (paper Fig. 2).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +31,15 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from ...report.crossrun import CrossRunError, GroupOverlap, align_steps, check_same_base, matrix_overlap, overlap_group, pair_matrices, run_labels
 from .. import palette
-from ..data import RunView, block_density, head_boundaries, head_dim_for, row_label, row_order
-from ..follow import follow_run
+from ..data import RunView, block_density, head_boundaries, matrix_head_dim, row_label, row_order
+from ..messages import follow_posting
 from ..messages import RunChanged, RunFailed
 from ..timeline import Timeline
 from ..widgets.density_map import DensityMap
 from ..widgets.details import compare_details, fmt
 from ..widgets.heatmap import Heatmap
 
-__all__ = ["CompareScreen", "Pairing", "compare_app", "consensus_details", "run_compare_tui"]
+__all__ = ["CompareScreen", "Pairing", "consensus_details"]
 
 _BARS = 20  # width of the consensus histogram's bars
 
@@ -177,7 +176,7 @@ class CompareScreen(Screen):
     @work(thread=True, exit_on_error=False, group="follow-compare")
     def follow_worker(self, key: str) -> None:
         worker = get_current_worker()
-        follow_run(self, key, self.paths[key], interval=self.app.poll_interval, cancelled=lambda: worker.is_cancelled)
+        follow_posting(self, key, self.paths[key], interval=self.app.poll_interval, cancelled=lambda: worker.is_cancelled)
 
     @on(RunChanged)
     def on_run_changed(self, message: RunChanged) -> None:
@@ -305,7 +304,7 @@ class CompareScreen(Screen):
         m, n = p.shape
         rows, cols = max(1, min(rows, m)), max(1, min(cols, n))
         grid = block_density(consensus, rows, cols)
-        head_dim = head_dim_for(self.runs[self.keys[0]].attrs, self.app.head_dim)
+        head_dim = matrix_head_dim(p, self.runs[self.keys[0]].attrs, self.app.head_dim)
         row_heads = {b * rows // m for b in head_boundaries(p, head_dim, "rows")}
         col_heads = {b * cols // n for b in head_boundaries(p, head_dim, "cols")}
         density_map.show(grid, row_heads=row_heads, col_heads=col_heads, lo=0.0, hi=1.0)
@@ -407,31 +406,3 @@ class CompareScreen(Screen):
             self.app.exit()
         else:
             self.app.pop_screen()
-
-
-def compare_app(paths: Sequence[str | Path], **options: Any) -> Any:
-    """A ``CompassApp`` that opens straight on the compare screen of ``paths`` (escape quits).
-
-    ``options`` are ``CompassApp``'s keyword arguments (``head_dim``, ``poll_interval``, ...).
-    """
-    from .. import app as app_module  # the app imports this module: import it when called
-
-    paths = [Path(p) for p in paths]
-
-    class CompareApp(app_module.CompassApp):
-        CSS_PATH = Path(app_module.__file__).with_name("compass.tcss")
-
-        def on_mount(self, event: Any) -> None:
-            event.prevent_default()  # not the run list of CompassApp.on_mount
-            self.push_screen(CompareScreen(*paths))
-
-    return CompareApp(paths[0].parent, **options)
-
-
-def run_compare_tui(paths: Sequence[str | Path], *, head_dim: int = 64) -> int:
-    """Open the compare screen on ``paths`` in the foreground (``compass-monitor compare ... --tui``). Returns an exit code."""
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        print("compass-monitor compare: --tui needs a terminal; without --tui it prints the comparison as a table", file=sys.stderr)
-        return 2
-    compare_app(paths, head_dim=head_dim).run()
-    return 0

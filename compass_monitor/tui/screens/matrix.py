@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,8 +16,10 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from textual_plotext import PlotextPlot
 
 from .. import palette
-from ..data import RunView, head_boundaries, head_dim_for, overlap_series, row_label
+from ..data import HEAD_TYPES, RunView, head_boundaries, matrix_head_dim, overlap_series, row_label
 from ..source import density_grid, preview_grid, profiles_at, spectral_series
+from ..timeline import Selection
+from ..widgets.badge import badge_text
 from ..widgets.density_map import DensityMap
 from ..widgets.details import fmt
 
@@ -31,8 +34,31 @@ def profile_snapshots(t: int) -> list[int]:
     return sorted({t // 3, (2 * t) // 3, t})
 
 
+def profile_ticks(size: int, boundaries: list[int], *, most: int = 8) -> list[int]:
+    """Whole-number x ticks of a profile of ``size`` rows or columns: head starts when there are few, else even steps."""
+    if size <= 0:
+        return []
+    if boundaries and len(boundaries) + 1 <= most:
+        return [0, *boundaries]
+    step = max(1, -(-size // most))
+    # a round step (1, 2, 5 x 10^k) so that the labels read as row numbers
+    magnitude = 10 ** (len(str(step)) - 1)
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= step)
+    return list(range(0, size, step))
+
+
 class MatrixScreen(Screen):
-    """One matrix at the run screen's snapshot; scrubbing here moves the run screen's cursor too."""
+    """One matrix at the selected snapshot.
+
+    It shares the run screen's :class:`Selection` (scrubbing or changing the matrix
+    here moves the run screen's cursor too) and is handed new data by
+    :meth:`data_changed`; it never holds the run screen.
+
+    Args:
+        selection: the run's selection (snapshot, matrix, shown rows).
+        view, run: the run's metrics and reader.
+        status: the run's status word for the header badge (LIVE, PAUSED, ...).
+    """
 
     BINDINGS = [
         Binding("left", "scrub(-1)", "earlier snapshot (pauses)", show=False, priority=True),
@@ -51,23 +77,27 @@ class MatrixScreen(Screen):
         Binding("escape", "back", "back"),
     ]
 
-    def __init__(self, owner: Any, index: int) -> None:
+    def __init__(self, selection: Selection, view: RunView, run: Any, *, status: Callable[[], str]) -> None:
         super().__init__()
-        self.owner = owner
-        self.index = index
+        self.selection = selection
+        self.view = view
+        self.run = run
+        self.status = status
         self.mode = "base"
         self.series = 0
         self.spectral_index = 0
         self._spectral: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._spectral_of: int | None = None
         self.shown: set[str] = set()  # parts drawn at least once: mask, profiles, spectral
 
     @property
-    def view(self) -> RunView:
-        return self.owner.view
+    def index(self) -> int:
+        """Store index of the selected matrix."""
+        return int(self.selection.matrix) if self.selection.matrix is not None else 0
 
     @property
     def t(self) -> int:
-        return self.owner.timeline.position
+        return self.selection.timeline.position
 
     @property
     def info(self):
@@ -91,16 +121,26 @@ class MatrixScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.load_spectral(self.owner.run, self.info)
-        self.refresh_all()
+        self.selection_changed()
 
     def on_resize(self) -> None:
         self.call_after_refresh(self.load_mask)
 
     # -- updates from the run screen ----------------------------------------------------
     def data_changed(self, view: RunView, run: Any) -> None:
-        self.load_spectral(run, self.info)
+        self.view, self.run = view, run
+        self._spectral_of = None
+        self.selection_changed()
+
+    def selection_changed(self) -> None:
+        """Redraw for the current selection (a new snapshot or matrix, from here or from the run screen)."""
+        if self._spectral_of != self.index:
+            self._spectral_of = self.index
+            self._spectral = {}
+            self.load_spectral(self.run, self.info)
         self.refresh_all()
+        if self._spectral:
+            self._show_spectral((self.index, self._spectral))
 
     def refresh_all(self) -> None:
         self.refresh_header()
@@ -114,9 +154,7 @@ class MatrixScreen(Screen):
         text = Text()
         text.append(f" {row_label(p)} ", style="bold reverse")
         text.append(f" {p.name} {p.shape[0]}x{p.shape[1]}  ")
-        from .run import badge_text
-
-        text.append_text(badge_text(self.owner.status_word()))
+        text.append_text(badge_text(self.status()))
         if self.view.num_snapshots:
             text.append(f"  step {int(self.view.steps[t])} ({t + 1}/{self.view.num_snapshots})", style="bold")
             text.append(f"  changed {fmt(self.view.density[t, self.index])}")
@@ -128,7 +166,7 @@ class MatrixScreen(Screen):
         if density.size.width < 2 or density.size.height < 2:
             return
         rows, cols = density.grid_size()
-        self._mask_worker(self.owner.run, self.info, self.t, self.mode, rows, cols)
+        self._mask_worker(self.run, self.info, self.t, self.mode, rows, cols)
 
     @work(thread=True, exclusive=True, group="mask", exit_on_error=False, name="mask")
     def _mask_worker(self, run: Any, info: Any, t: int, mode: str, rows: int, cols: int) -> tuple:
@@ -143,7 +181,7 @@ class MatrixScreen(Screen):
         if index != self.index or t != self.t or mode != self.mode:
             return
         p = self.info
-        head_dim = head_dim_for(self.owner.run.attrs, self.app.head_dim)
+        head_dim = matrix_head_dim(p, self.run.attrs, self.app.head_dim)
         m, n = p.shape
         values = grid.values
         rows, cols = values.shape
@@ -161,6 +199,8 @@ class MatrixScreen(Screen):
             legend.append("  (preview, refining...)", style="yellow")
         if row_heads or col_heads:
             legend.append(f"  ╶ ╷ heads of {head_dim}", style="grey70")
+        elif head_dim is None and p.module_type in HEAD_TYPES:
+            legend.append("  heads: size not recorded (--head-dim N)", style="grey70")
         legend.append("  x: toggle", style="grey70")
         self.query_one("#mask-legend", Static).update(legend)
         if grid.exact:
@@ -169,7 +209,7 @@ class MatrixScreen(Screen):
     # -- profiles ---------------------------------------------------------------------------
     def load_profiles(self) -> None:
         if self.view.num_snapshots:
-            self._profiles_worker(self.owner.run, self.info, profile_snapshots(self.t))
+            self._profiles_worker(self.run, self.info, profile_snapshots(self.t))
 
     @work(thread=True, exclusive=True, group="profiles", exit_on_error=False, name="profiles")
     def _profiles_worker(self, run: Any, info: Any, snaps: list[int]) -> tuple:
@@ -178,22 +218,27 @@ class MatrixScreen(Screen):
 
     def _show_profiles(self, result: tuple) -> None:
         index, snaps, rows, cols = result
-        if index != self.index:
-            return
-        head_dim = head_dim_for(self.owner.run.attrs, self.app.head_dim)
+        if index != self.index or snaps != profile_snapshots(self.t):
+            return  # a result for an earlier selection: the worker for the current one is on its way
         p = self.info
-        colours = ("grey", "cyan", "yellow")
+        head_dim = matrix_head_dim(p, self.run.attrs, self.app.head_dim)
+        colours = ("grey", "cyan", "yellow")[3 - len(snaps):]
+        # The legend goes in the title: plotext draws its legend box over the data.
+        legend = ", ".join(f"{c} step {int(self.view.steps[t])}" for c, t in zip(colours, snaps))
         for plot_id, data, axis, title in (("#rows-plot", rows, "rows", "row ratio rho_i"), ("#cols-plot", cols, "cols", "column ratio kappa_j")):
             plot = self.query_one(plot_id, PlotextPlot)
             plt = plot.plt
             plt.clear_data()
             plt.clear_figure()
-            for k, (t, values) in enumerate(zip(snaps, data)):
-                plt.plot(list(range(len(values))), values.tolist(), marker="braille", color=colours[k - len(snaps) + 3], label=f"step {int(self.view.steps[t])}")
-            for b in head_boundaries(p, head_dim, axis):
+            for colour, values in zip(colours, data):
+                plt.plot(list(range(len(values))), values.tolist(), marker="braille", color=colour)
+            bounds = head_boundaries(p, head_dim, axis)
+            for b in bounds:
                 plt.vline(b, "gray")
-            heads = f", heads of {head_dim}" if head_boundaries(p, head_dim, axis) else ""
-            plt.title(f"{title} ({'per output row' if axis == 'rows' else 'per input column'}{heads})")
+            size = data.shape[1] if data.ndim == 2 else 0
+            plt.xticks(profile_ticks(size, bounds))
+            heads = f", heads of {head_dim}" if bounds else ""
+            plt.title(f"{title} per {'output row' if axis == 'rows' else 'input column'}{heads}: {legend}")
             plt.ylim(0, max(0.05, float(np.max(data)) * 1.05) if data.size else 1)
             plot.refresh()
         self.shown.add("profiles")
@@ -270,34 +315,28 @@ class MatrixScreen(Screen):
 
     # -- actions ------------------------------------------------------------------------------------
     def _moved(self) -> None:
-        self.owner._moved()
-        self.refresh_all()
-        if self._spectral:
-            self._show_spectral((self.index, self._spectral))
+        # The run screen redraws itself from the shared selection when it is shown again.
+        self.selection_changed()
 
     def action_scrub(self, delta: int) -> None:
-        self.owner.timeline.step(delta)
+        self.selection.timeline.step(delta)
         self._moved()
 
     def action_home(self) -> None:
-        self.owner.timeline.home()
+        self.selection.timeline.home()
         self._moved()
 
     def action_end(self) -> None:
-        self.owner.timeline.end()
+        self.selection.timeline.end()
         self._moved()
 
     def action_follow(self) -> None:
-        self.owner.action_follow()
-        self.refresh_all()
+        self.selection.timeline.follow()
+        self._moved()
 
     def action_matrix(self, delta: int) -> None:
-        order = self.owner.order
-        if self.index in order:
-            self.index = order[min(max(order.index(self.index) + delta, 0), len(order) - 1)]
-            self.owner.heatmap.move_to(row=order.index(self.index))
-        self.load_spectral(self.owner.run, self.info)
-        self.refresh_all()
+        self.selection.move(delta)
+        self._moved()
 
     def action_mode(self) -> None:
         self.mode = "flips" if self.mode == "base" else "base"

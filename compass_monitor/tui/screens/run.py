@@ -16,27 +16,26 @@ from textual.worker import get_current_worker
 
 from .. import palette
 from ..data import SORTS, MatrixFilter, RunView, badge, discover_runs, row_label, row_order, stale_threshold, live_status, writer_gone
-from ..follow import follow_run
-from ..messages import RunChanged, RunFailed
-from ..timeline import Timeline
+from ..messages import RunChanged, RunFailed, follow_posting
+from ..timeline import Selection
+from ..widgets.badge import badge_text
 from ..widgets.details import matrix_details
 from ..widgets.heatmap import Heatmap
+from .matrix import MatrixScreen
 
 __all__ = ["RunScreen"]
 
 METRICS = ("density", "flips", "principal")
 _METRIC_TITLES = {"density": "changed |M|/n", "flips": "flips vs previous /n", "principal": "overlap with M_princ"}
-_BADGE_STYLES = {"LIVE": "black on green", "PAUSED": "black on yellow", "FINISHED": "white on blue", "STALE": "white on red", "CRASHED": "white on red",
-                 "DISABLED": "white on magenta", "REPLAY": "black on cyan", "ERROR": "white on red", "WAITING": "black on grey70"}
-
-
-def badge_text(word: str) -> Text:
-    style = _BADGE_STYLES.get(word.split()[0], "reverse")
-    return Text(f" {word} ", style=style)
 
 
 class RunScreen(Screen):
-    """One run: heatmap (rows = matrices grouped by layer and type, columns = snapshots) and details."""
+    """One run: heatmap (rows = matrices grouped by layer and type, columns = snapshots) and details.
+
+    The selected (matrix, snapshot) lives in one :class:`Selection`, shared with the
+    matrix drill-down; every key changes it and then :meth:`_sync` draws the
+    cursor, the header and the side panel from it.
+    """
 
     BINDINGS = [
         Binding("up", "move(-1)", "previous matrix", show=False),
@@ -68,15 +67,27 @@ class RunScreen(Screen):
         self.run: Any = None
         self.commit: dict[str, Any] = {}
         self.error: str | None = None
-        self.timeline = Timeline(following=not replay)
+        self.selection = Selection()
+        self.selection.timeline.following = not replay
+        self.selection.timeline.playing = replay
         self.filter = MatrixFilter()
         self.sort = "layer"
         self.metric = "density"
-        self.order: list[int] = []
         self.replay = replay
-        self.playing = replay
         self.speed = speed
-        self.child: Any = None
+        self.child: MatrixScreen | None = None
+
+    @property
+    def timeline(self):
+        return self.selection.timeline
+
+    @property
+    def order(self) -> list[int]:
+        return self.selection.order
+
+    @property
+    def playing(self) -> bool:
+        return self.timeline.playing
 
     # -- layout ----------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -103,7 +114,7 @@ class RunScreen(Screen):
     @work(thread=True, exclusive=True, group="follow-main", exit_on_error=False)
     def follow_worker(self) -> None:
         worker = get_current_worker()
-        follow_run(self, "main", self.path, interval=self.app.poll_interval, cancelled=lambda: worker.is_cancelled)
+        follow_posting(self, "main", self.path, interval=self.app.poll_interval, cancelled=lambda: worker.is_cancelled)
 
     # -- data ------------------------------------------------------------------------
     @on(RunChanged)
@@ -130,10 +141,7 @@ class RunScreen(Screen):
     def _reorder(self) -> None:
         if self.view is None:
             return
-        selected = self.selected_index
-        self.order = row_order(self.view.params, flt=self.filter, sort=self.sort, view=self.view, snapshot=self.timeline.position)
-        if selected in self.order:
-            self.heatmap.move_to(row=self.order.index(selected), notify=False)
+        self.selection.set_order(row_order(self.view.params, flt=self.filter, sort=self.sort, view=self.view, snapshot=self.timeline.position))
 
     def _show(self) -> None:
         if self.view is None:
@@ -144,17 +152,18 @@ class RunScreen(Screen):
             hm.empty_text = f"no matrix matches the filter {self.filter.text!r} (press / to change it)"
         elif self.view.num_snapshots == 0:
             hm.empty_text = "no committed snapshots yet: waiting for the first one"
-        hi = 1.0
-        hm.set_data(values if self.order and self.view.num_snapshots else values[:0], [row_label(self.view.params[i]) for i in self.order], lo=0.0, hi=hi)
-        hm.move_to(col=self.timeline.position, notify=False)
+        hm.set_data(values if self.order and self.view.num_snapshots else values[:0], [row_label(self.view.params[i]) for i in self.order], lo=0.0, hi=1.0)
+        self._sync()
+
+    def _sync(self) -> None:
+        """Draw the selection: the heatmap's cursor, the side panel and the header (the only place that does)."""
+        self.heatmap.move_to(row=self.selection.row, col=self.timeline.position)
         self.refresh_details()
         self.refresh_header()
 
     @property
     def selected_index(self) -> int | None:
-        if not self.order:
-            return None
-        return self.order[min(self.heatmap.cursor_row, len(self.order) - 1)]
+        return self.selection.matrix if self.selection.matrix in self.order else None
 
     # -- display ---------------------------------------------------------------------------
     def status_word(self) -> str:
@@ -215,53 +224,70 @@ class RunScreen(Screen):
 
     @on(Heatmap.CursorMoved)
     def on_cursor(self, message: Heatmap.CursorMoved) -> None:
-        if message.col != self.timeline.position:
+        """A click (row and snapshot) or the mouse wheel (row only) asks for a new selection."""
+        self.selection.select_row(message.row)
+        if not message.rows_only:
             self.timeline.seek(message.col)
-        self.refresh_details()
-        self.refresh_header()
+            self._pause_player()
+        self._moved()
+
+    def on_screen_resume(self) -> None:
+        # The drill-down shares the selection: show where it left it (and whether it asked to follow).
+        if self.view is not None:
+            if self.timeline.following:
+                self.replay = False
+            self._pause_player()
+            self._moved()
 
     # -- actions -------------------------------------------------------------------------
     def _moved(self) -> None:
-        self.heatmap.move_to(col=self.timeline.position, notify=False)
+        """The selection changed: re-sort if the order depends on the snapshot, then draw it."""
         if self.sort != "layer":
             self._reorder()
             self._show()
-            return
-        self.refresh_details()
-        self.refresh_header()
+        else:
+            self._sync()
+        if self.child is not None:
+            self.child.selection_changed()
+
+    def _pause_player(self) -> None:
+        if not self.playing:
+            self._player.pause()
 
     def action_move(self, delta: int) -> None:
-        self.heatmap.move_to(row=self.heatmap.cursor_row + delta)
+        self.selection.move(delta)
+        self._moved()
 
     def action_page(self, direction: int) -> None:
-        self.heatmap.move_to(row=self.heatmap.cursor_row + direction * max(1, self.heatmap.size.height - 2))
+        self.selection.move(direction * max(1, self.heatmap.size.height - 2))
+        self._moved()
 
     def action_scrub(self, delta: int) -> None:
-        self.playing = False
-        self._player.pause()
         self.timeline.step(delta)
+        self._pause_player()
         self._moved()
 
     def action_home(self) -> None:
         self.timeline.home()
+        self._pause_player()
         self._moved()
 
     def action_end(self) -> None:
         self.timeline.end()
+        self._pause_player()
         self._moved()
 
     def action_follow(self) -> None:
         self.replay = False
-        self.playing = False
-        self._player.pause()
         self.timeline.follow()
+        self._pause_player()
         self._moved()
 
     def action_play(self) -> None:
         if not self.replay:
             self.replay = True
             self.timeline.following = False
-        self.playing = not self.playing
+        self.timeline.playing = not self.timeline.playing
         if self.playing and self.timeline.at_end:
             self.timeline.position = 0
         self._player.resume() if self.playing else self._player.pause()
@@ -275,12 +301,10 @@ class RunScreen(Screen):
 
     def _tick(self) -> None:
         if not self.playing or self.view is None:
+            self._pause_player()
             return
-        if self.timeline.at_end:
-            self.playing = False
-            self._player.pause()
-        else:
-            self.timeline.position += 1
+        self.timeline.advance()
+        self._pause_player()
         self._moved()
 
     def action_sort(self) -> None:
@@ -310,9 +334,7 @@ class RunScreen(Screen):
         if self.view is None or index is None or self.view.num_snapshots == 0 or self.run is None:
             self.notify("nothing to open yet", severity="warning")
             return
-        from .matrix import MatrixScreen
-
-        self.child = MatrixScreen(self, index)
+        self.child = MatrixScreen(self.selection, self.view, self.run, status=self.status_word)
         self.app.push_screen(self.child, lambda _: setattr(self, "child", None))
 
     def action_compare(self) -> None:

@@ -22,6 +22,9 @@ __all__ = ["RunsScreen"]
 _STATUS_STYLES = {"live": "bold green", "stale": "bold red", "crashed": "bold red", "finished": "blue", "disabled": "magenta", "error": "red", "unknown": "grey62"}
 
 
+_COLUMNS = ("run", "status", "heartbeat", "snapshots", "step", "sparsity")
+
+
 class RunsScreen(Screen):
     """Runs under the app's PATH, refreshed while visible; Enter opens one, ``c`` compares two."""
 
@@ -44,6 +47,7 @@ class RunsScreen(Screen):
         self.marked: Path | None = None
         self._reader = StatusReader()
         self._opened_root = opened
+        self._rows: list[tuple[str, ...]] = []
 
     def compose(self) -> ComposeResult:
         yield Static(id="runs-header", classes="header")
@@ -52,8 +56,6 @@ class RunsScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        table.add_columns("run", "status", "heartbeat", "snapshots", "step", "sparsity")
         self.query_one("#runs-header", Static).update(Text(f" compass-monitor  {self.root}", style="bold"))
         self.query_one("#runs-message", Static).update(f" looking for runs under {self.root} ...")
         self.scan_worker()
@@ -76,30 +78,49 @@ class RunsScreen(Screen):
     @on(Listed)
     def on_listed(self, message: Listed) -> None:
         self.statuses = message.statuses
-        table = self.query_one(DataTable)
-        row = table.cursor_row
-        table.clear()
-        for s in message.statuses:
-            age = s.age(message.now)
-            name = ("* " if s.path == self.marked else "") + s.name
-            table.add_row(
-                name,
-                Text(s.status if s.status != "error" else "error", style=_STATUS_STYLES.get(s.status, "")),
-                format_age(age) if s.status in ("live", "stale", "crashed") else "-",
-                str(s.snapshots),
-                "-" if s.last_step is None else str(s.last_step),
-                "-" if s.sparsity != s.sparsity else f"{s.sparsity:.3f}",
-                key=str(s.path),
-            )
-        if message.statuses:
-            table.move_cursor(row=min(row, len(message.statuses) - 1))
+        rows = [self._row(s, message.now) for s in message.statuses]
+        if rows != self._rows:  # rebuilt only when a line changed: no flicker, no half-laid-out table between scans
+            self._rows = rows
+            table = self.query_one(DataTable)
+            row = table.cursor_row
+            # Fixed column widths, set here: DataTable measures auto widths only when idle, so a
+            # screen drawn between a rebuild and that measure showed "finish" for "finished".
+            table.clear(columns=True)
+            for label, index in zip(_COLUMNS, range(len(_COLUMNS))):
+                table.add_column(label, width=max(len(label), *(len(cells[index]) for cells in rows)) if rows else len(label))
+            for s, cells in zip(message.statuses, rows):
+                table.add_row(cells[0], Text(cells[1], style=_STATUS_STYLES.get(s.status, "")), *cells[2:], key=str(s.path))
+            if message.statuses:
+                table.move_cursor(row=min(row, len(message.statuses) - 1))
         self.query_one("#runs-message", Static).update(self._message())
         if not self._opened_root and [s.path for s in message.statuses] == [self.root]:
             self._opened_root = True  # PATH itself became a run (e.g. a demo that started after the TUI)
             self.app.open_run(self.root)
 
+    def _row(self, s: RunStatus, now: float) -> tuple[str, ...]:
+        """The cells of one run's line: run, status, heartbeat age, snapshots, step, sparsity."""
+        return (
+            ("* " if s.path == self.marked else "") + self._label(s),
+            s.status,
+            format_age(s.age(now)) if s.status in ("live", "stale", "crashed") else "-",
+            str(s.snapshots),
+            "-" if s.last_step is None else str(s.last_step),
+            "-" if s.sparsity != s.sparsity else f"{s.sparsity:.3f}",
+        )
+
+    def _label(self, status: RunStatus) -> str:
+        """A run's folder, relative to PATH (metadata names repeat: runs/demo and runs/demo-s1 are both "demo")."""
+        try:
+            label = str(status.path.relative_to(self.root))
+        except ValueError:
+            label = str(status.path)
+        label = status.path.name if label == "." else label
+        return label if label == status.name or status.name == status.path.name else f"{label} ({status.name})"
+
     def _message(self) -> Text:
         if not self.root.exists():
+            if self.app.waiting is not None:
+                return Text(f" {self.app.waiting()}  q quits.", style="yellow")
             return Text(f" {self.root} does not exist (yet): watching for a run to appear there. q quits.", style="yellow")
         if not self.statuses:
             return Text(f" no compass-monitor run under {self.root} (a run is a directory with zarr.json and commit.json); watching. q quits.", style="yellow")

@@ -18,6 +18,7 @@ __all__ = ["DensityMap"]
 
 _RULE = Style(color="grey50")
 _HEAD = Style(color="bright_white", bold=True)
+_PLAIN = Style.null()  # every segment has a style: NO_COLOR's filter reads segment.style.color
 
 
 class DensityMap(Widget):
@@ -57,14 +58,14 @@ class DensityMap(Widget):
     def render_line(self, y: int) -> Strip:
         width = self.size.width
         if self.grid is None:
-            return Strip([Segment((self.message if y == 0 else "")[:width].ljust(width))])
+            return Strip([Segment((self.message if y == 0 else "")[:width].ljust(width), _PLAIN)])
         rows, cols = self.grid.shape
         if y == 0:
             ruler = "".join("╷" if c in self.col_heads else " " for c in range(cols))
-            return Strip([Segment(" "), Segment(ruler, _RULE)]).adjust_cell_length(width)
+            return Strip([Segment(" ", _PLAIN), Segment(ruler, _RULE)]).adjust_cell_length(width, _PLAIN)
         r0 = 2 * (y - 1)
         if r0 >= rows:
-            return Strip([Segment(" " * width)])
+            return Strip([Segment(" " * width, _PLAIN)])
         head = r0 in self.row_heads or (r0 + 1) in self.row_heads
         segments = [Segment("╶" if head else " ", _HEAD if head else _RULE)]
         upper = self.grid[r0]
@@ -75,4 +76,4 @@ class DensityMap(Widget):
                 segments.append(Segment("▀", Style(color=palette.colour(upper[c], lo=self.lo, hi=self.hi))))
             else:
                 segments.append(Segment("▀", palette.cell_style(self._index(lower[c]), fg)))
-        return Strip(segments).adjust_cell_length(width)
+        return Strip(segments).adjust_cell_length(width, _PLAIN)

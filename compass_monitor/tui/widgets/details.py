@@ -45,7 +45,7 @@ def matrix_details(view: RunView, index: int, t: int, *, width: int = 30) -> Tex
         return text
     t = t % view.num_snapshots
     flips = view.flip_rate[t, index]
-    text.append(f"step {int(view.steps[t])}  ({t + 1}/{view.num_snapshots})\n")
+    text.append(f"step {int(view.steps[t])} ({t + 1}/{view.num_snapshots})\n")
     text.append("changed |M|/n  ", style="grey70")
     text.append(f"{fmt(density[t])}\n", style="bold")
     text.append("sparsity       ", style="grey70")

@@ -3,7 +3,12 @@
 Only the visible lines are rendered (``render_line``), so a run of hundreds of
 matrices and thousands of snapshots costs no more to draw than a small one.
 Labels stay fixed on the left; the snapshot axis scrolls to keep the cursor in
-view. One character per snapshot; colours come from :mod:`..palette`.
+view; when rows do not fit, the top-left corner says which are shown
+(``1-21 of 37``). One character per snapshot; colours come from :mod:`..palette`.
+
+The owning screen holds the selection and places the cursor with
+:meth:`Heatmap.move_to`; a click or the mouse wheel only posts a request
+(:class:`Heatmap.CursorMoved`), so the cursor drawn is always the screen's.
 """
 
 from __future__ import annotations
@@ -25,14 +30,16 @@ _LABEL = Style(color="bright_white")
 _LABEL_CURSOR = Style(color="black", bgcolor="bright_white", bold=True)
 _HEADER = Style(color="grey62")
 _MARK = Style(color="bright_white", bold=True)
+_PLAIN = Style.null()  # every segment has a style: NO_COLOR's filter reads segment.style.color
 
 
 class Heatmap(Widget, can_focus=True):
     """Rows = matrices (in the order given), columns = snapshots.
 
-    Set data with :meth:`set_data`; move the cursor with :meth:`move_to`.
-    Posts :class:`Heatmap.CursorMoved` when the cursor moves (by keys of the
-    owning screen or by a click).
+    Set data with :meth:`set_data`; the owning screen moves the cursor with
+    :meth:`move_to`. A click posts :class:`Heatmap.CursorMoved` with the clicked
+    cell, the mouse wheel with the row it asks for (``rows_only``); the screen
+    decides and moves the cursor.
     """
 
     DEFAULT_CSS = """
@@ -40,11 +47,14 @@ class Heatmap(Widget, can_focus=True):
     """
 
     class CursorMoved(Message):
-        def __init__(self, heatmap: "Heatmap", row: int, col: int) -> None:
+        """The user asks for the cursor at (``row``, ``col``); with ``rows_only`` only the row is asked for."""
+
+        def __init__(self, heatmap: "Heatmap", row: int, col: int, *, rows_only: bool = False) -> None:
             super().__init__()
             self.heatmap = heatmap
             self.row = row
             self.col = col
+            self.rows_only = rows_only
 
         @property
         def control(self) -> "Heatmap":
@@ -97,7 +107,8 @@ class Heatmap(Widget, can_focus=True):
         return int(self.values.shape[0]) if self.values.ndim == 2 else 0
 
     # -- cursor ----------------------------------------------------------------
-    def move_to(self, *, row: int | None = None, col: int | None = None, notify: bool = True) -> None:
+    def move_to(self, *, row: int | None = None, col: int | None = None, notify: bool = False) -> None:
+        """Place the cursor (clipped); with ``notify``, also post :class:`CursorMoved` with the new place."""
         if row is not None:
             self.cursor_row = int(min(max(row, 0), max(0, self.num_rows - 1)))
         if col is not None:
@@ -107,10 +118,23 @@ class Heatmap(Widget, can_focus=True):
             self.post_message(self.CursorMoved(self, self.cursor_row, self.cursor_col))
 
     @property
+    def hidden_rows(self) -> int:
+        """Rows that do not fit in the widget's height."""
+        return max(0, self.num_rows - max(1, self.size.height - 1))
+
+    def _rows_note(self) -> str:
+        """``1-21 of 37``: the rows shown, when some are hidden ('' otherwise)."""
+        if not self.hidden_rows:
+            return ""
+        rows = max(1, self.size.height - 1)
+        return f"{self._row_offset + 1}-{min(self.num_rows, self._row_offset + rows)} of {self.num_rows}"
+
+    @property
     def label_width(self) -> int:
         if not self.show_labels:
             return 0
-        return min(max((len(label) for label in self.labels), default=4) + 1, 14)
+        width = min(max((len(label) for label in self.labels), default=4) + 1, 14)
+        return max(width, len(self._rows_note()) + 1) if self.hidden_rows else width
 
     @property
     def cell_width(self) -> int:
@@ -142,13 +166,15 @@ class Heatmap(Widget, can_focus=True):
 
     def on_click(self, event: events.Click) -> None:
         if event.y >= 1 and event.x >= self.label_width and self.num_rows:
-            self.move_to(row=self._row_offset + event.y - 1, col=self._col_offset + (event.x - self.label_width) // self.cell_width)
+            row = min(self._row_offset + event.y - 1, self.num_rows - 1)
+            col = min(self._col_offset + (event.x - self.label_width) // self.cell_width, max(0, self.num_cols - 1))
+            self.post_message(self.CursorMoved(self, row, col))
 
     def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
-        self.move_to(row=self.cursor_row + 3)
+        self.post_message(self.CursorMoved(self, min(self.cursor_row + 3, max(0, self.num_rows - 1)), self.cursor_col, rows_only=True))
 
     def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
-        self.move_to(row=self.cursor_row - 3)
+        self.post_message(self.CursorMoved(self, max(self.cursor_row - 3, 0), self.cursor_col, rows_only=True))
 
     # -- drawing -----------------------------------------------------------------
     def render_line(self, y: int) -> Strip:
@@ -157,16 +183,17 @@ class Heatmap(Widget, can_focus=True):
         _, cols = self._visible()
         if self.num_rows == 0 or self.num_cols == 0:
             text = self.empty_text if y == 0 else ""
-            return Strip([Segment(text[:width].ljust(width))])
+            return Strip([Segment(text[:width].ljust(width), _PLAIN)])
         cw = self.cell_width
         c0 = self._col_offset
         c1 = min(self.num_cols, c0 + cols)
         if y == 0:  # the cursor's snapshot, marked above its column
             before = (self.cursor_col - c0) * cw
-            return Strip([Segment(" " * (lw + before), _HEADER), Segment("▼", _MARK)]).adjust_cell_length(width)
+            note = self._rows_note()
+            return Strip([Segment(note.ljust(lw) + " " * before, _HEADER), Segment("▼", _MARK)]).adjust_cell_length(width, _PLAIN)
         r = self._row_offset + y - 1
         if r >= self.num_rows:
-            return Strip([Segment(" " * width)])
+            return Strip([Segment(" " * width, _PLAIN)])
         segments = []
         if lw:
             style = _LABEL_CURSOR if r == self.cursor_row else _LABEL
@@ -178,4 +205,4 @@ class Heatmap(Widget, can_focus=True):
                 segments.append(Segment(("◆" if on_row else "│") + pad, palette.cell_style(idx, 231)))
             else:
                 segments.append(Segment(" " + pad, palette.cell_style(idx)))
-        return Strip(segments).adjust_cell_length(width)
+        return Strip(segments).adjust_cell_length(width, _PLAIN)

@@ -1,4 +1,4 @@
-"""Seeded synthetic run stores for the TUI's tests, snapshot tests and benchmark.
+"""Seeded synthetic run stores for the TUI's tests, snapshot tests, tmux check and benchmark (test scaffolding, not shipped).
 
 No training: masks with a plausible structure (head-aligned row stripes in
 q/k/v, column stripes in o, density growing over time) are drawn from a seeded
@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..selection import ParamSpec
-from ..store import codec, schema
-from ..store.writer import RunWriter, SnapshotRecord
+from compass_monitor.store import ParamInfo, codec, schema
+from compass_monitor.store.writer import RunWriter, SnapshotRecord
 
 __all__ = ["SyntheticSpec", "synthetic_params", "write_synthetic_run", "write_bulk_run"]
 
@@ -49,15 +48,18 @@ class SyntheticSpec:
     principal_rank: int = 8
 
 
-def synthetic_params(spec: SyntheticSpec, *, limit: int | None = None) -> list[ParamSpec]:
-    """Parameter specs in the order a Llama-style model names them."""
+def synthetic_params(spec: SyntheticSpec, *, limit: int | None = None, geometry: dict[str, dict] | None = None) -> list[ParamInfo]:
+    """Parameter specs in the order a Llama-style model names them; ``geometry`` adds facts per module type
+    (e.g. ``{"k": {"heads": 2}}``) to the records the store keeps."""
+    geometry = geometry or {}
     h, f = spec.hidden, spec.intermediate
     shapes = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (f, h), "up": (f, h), "down": (h, f)}
     params = []
     for layer in range(spec.layers):
         for kind in _ATTN + _MLP:
             name = f"model.layers.{layer}.{_NAMES[kind]}.weight"
-            params.append(ParamSpec(name=name, role="linear", module_type=kind, layer=layer, shape=shapes[kind]))
+            params.append(ParamInfo(name=name, role="linear", module_type=kind, layer=layer, shape=shapes[kind], index=len(params),
+                                    extra=dict(geometry.get(kind, {}))))
     return params[:limit] if limit is not None else params
 
 
@@ -69,14 +71,14 @@ def _attributes(spec: SyntheticSpec, name: str, seed: int) -> dict:
         "count_fields": list(schema.COUNT_FIELDS),
         "reference_masks": list(schema.REFERENCE_MASKS),
         "versions": {},
-        "metadata": {"source": "compass_monitor.tui.synthetic", "seed": seed, "head_dim": spec.head_dim},
+        "metadata": {"source": "tests/synthetic_runs.py", "seed": seed, "head_dim": spec.head_dim},
     }
 
 
 class _MaskModel:
     """Per-matrix changed masks that grow over time, with head-aligned stripes."""
 
-    def __init__(self, p: ParamSpec, spec: SyntheticSpec, rng: np.random.Generator, speed: float) -> None:
+    def __init__(self, p: ParamInfo, spec: SyntheticSpec, rng: np.random.Generator, speed: float) -> None:
         m, n = p.shape
         hd = spec.head_dim
         rows = 0.4 + rng.random(m)
@@ -151,10 +153,11 @@ def _base(writer: RunWriter, models: list[_MaskModel]) -> None:
 class SyntheticWriter:
     """Appends seeded synthetic snapshots to a new run store, one call at a time."""
 
-    def __init__(self, path: str | Path, *, spec: SyntheticSpec | None = None, seed: int = 0, name: str | None = None) -> None:
+    def __init__(self, path: str | Path, *, spec: SyntheticSpec | None = None, seed: int = 0, name: str | None = None,
+                 geometry: dict[str, dict] | None = None) -> None:
         self.spec = spec or SyntheticSpec()
         self.rng = np.random.default_rng(seed)
-        params = synthetic_params(self.spec)
+        params = synthetic_params(self.spec, geometry=geometry)
         speeds = 0.02 + 0.25 * self.rng.random(len(params))
         self.models = [_MaskModel(p, self.spec, self.rng, float(s)) for p, s in zip(params, speeds)]
         self.writer = RunWriter.create(Path(path), params=params, attributes=_attributes(self.spec, name or Path(path).name, seed))
