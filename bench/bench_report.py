@@ -1,6 +1,6 @@
 """Cost of ``compass-monitor report`` and ``compare`` on a large run: wall time and peak memory.
 
-The run is the TUI benchmark's synthetic run (``tui.synthetic.write_bulk_run``:
+The run is the TUI benchmark's synthetic run (``tests/synthetic_runs.write_bulk_run``:
 200 matrices x 1000 snapshots, metrics for every snapshot, masks for the first
 two matrices), and a second one of the same base (seed 1) for the cross-run
 commands. Each command runs in a fresh Python process that reports its own
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -79,16 +80,16 @@ def main() -> None:
     parser.add_argument("--matrices", type=int, default=200)
     args = parser.parse_args()
 
-    import warnings
-
-    warnings.filterwarnings("ignore", module=r"zarr(\..*)?$")
-    from compass_monitor.tui.synthetic import write_bulk_run
-
     tmp = Path(tempfile.mkdtemp(prefix="bench-report-"))
     try:
+        # The runs are built in another process: Linux keeps a process's peak RSS across fork and exec,
+        # so the children that are measured must be forked from this small parent.
         t = time.perf_counter()
-        big = write_bulk_run(tmp / "large", matrices=args.matrices, snapshots=args.snapshots, seed=0)
-        other = write_bulk_run(tmp / "large-b", matrices=args.matrices, snapshots=args.snapshots, seed=1)
+        big, other = tmp / "large", tmp / "large-b"
+        build = ("import sys, warnings; warnings.filterwarnings('ignore');"
+                 "sys.path.insert(0, 'tests'); from synthetic_runs import write_bulk_run;"
+                 f"[write_bulk_run(p, matrices={args.matrices}, snapshots={args.snapshots}, seed=s) for s, p in enumerate(sys.argv[1:])]")
+        subprocess.run([sys.executable, "-c", build, str(big), str(other)], cwd=ROOT, check=True)
         build_s = time.perf_counter() - t
         store_mb = sum(f.stat().st_size for f in big.rglob("*") if f.is_file()) / 2**20
         cases = {
@@ -98,10 +99,12 @@ def main() -> None:
             "report_two_runs": ["report", str(big), str(other), "--out", str(tmp / "out2")],
         }
         results = {name: measure(command) for name, command in cases.items()}
+        parent_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         figures = sorted(p.name for p in (tmp / "out2").glob("*.png"))
         result = {
             "benchmark": "compass-monitor report / compare on a large run: wall time and peak RSS per command (fresh process each)",
             "machine": machine(),
+            "parent_peak_rss_mb_before_measuring": round(parent_rss_mb, 1),
             "large_run": {"matrices": args.matrices, "snapshots": args.snapshots, "store_mb": round(store_mb, 1), "build_s": round(build_s, 2)},
             "results": results,
             "figures_two_runs": figures,

@@ -4,7 +4,8 @@ The core (this package, without ``integrations`` and ``tui``) imports no
 training framework and no Textual. The classes that need torch
 (``CompassMonitor``, ``ParamSpec``, ``SelectionError``, the sharding types) are imported on first
 use, so that readers of a run store (the CLI's ``summary``/``inspect``, the
-TUI) start without loading torch.
+TUI) start without loading torch; the store's names (zarr) are imported on
+first use too, so that a command that refuses to start answers at once.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ __version__ = "0.1.0"
 
 from .config import ConfigError, MonitorConfig
 from .matrix_spec import MatrixSpec
-from .store import NotARunError, ParamInfo, ResumeError, Run, SchemaVersionError, StoreError, StoreExistsError, open_run
 
 if TYPE_CHECKING:
+    from .store import NotARunError, ParamInfo, ResumeError, Run, SchemaVersionError, StoreDamagedError, StoreError, StoreExistsError, StoreLockedError, open_run
     from .monitor import CompassMonitor
     from .selection import ParamSpec, SelectionError
     from .sharding import LocalShard, ShapeChangedError, ShardingError, ShardLayout
 
 _LAZY = {
+    **dict.fromkeys(
+        ("NotARunError", "ParamInfo", "ResumeError", "Run", "SchemaVersionError", "StoreDamagedError", "StoreError", "StoreExistsError", "StoreLockedError", "open_run"),
+        ".store",
+    ),
     "CompassMonitor": ".monitor",
     "ParamSpec": ".selection",
     "SelectionError": ".selection",
@@ -49,8 +54,10 @@ __all__ = [
     "ShapeChangedError",
     "ShardLayout",
     "ShardingError",
+    "StoreDamagedError",
     "StoreError",
     "StoreExistsError",
+    "StoreLockedError",
     "__version__",
     "open_run",
 ]

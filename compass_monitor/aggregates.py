@@ -136,7 +136,8 @@ def aggregate_counts(
         for j, (mask, field) in enumerate(zip(REFERENCE_MASKS, _INTERSECTION_FIELDS)):
             inter = counts[:, idx, COUNT_FIELDS.index(field)].sum(axis=1)
             overlap[mask] = ratio(inter, total_changed)
-            density = mask_sizes[idx, j] / numel[idx]
+            # An empty matrix (Linear(0, 8)) changes nothing: it weighs 0 in the baseline, not NaN.
+            density = np.divide(mask_sizes[idx, j], numel[idx], out=np.zeros(len(idx)), where=numel[idx] > 0)
             baseline[mask] = ratio((changed * density).sum(axis=1), total_changed)
             null_g[mask] = ratio(np.nansum(changed * null[:, idx, j], axis=1), total_changed)
         result[name] = GroupStats(

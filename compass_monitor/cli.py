@@ -8,13 +8,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .store import StoreError, open_run
-from .summary import summary_text
+from .store.schema import StoreError  # light: the store's reader (zarr) is imported by the commands that read
 
 __all__ = ["main", "build_parser"]
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
+    from .store import open_run
+    from .summary import summary_text
+
     run = open_run(args.run_dir)
     print(summary_text(run, max_rows=args.rows))
     return 0
@@ -32,6 +34,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         from .tui.launch import run_compare_tui  # Textual only for --tui
 
         return run_compare_tui(args.runs)
+    from .store import open_run
+
     runs = [open_run(path) for path in args.runs]
     stats = cross_run_stats(runs, step=args.step)
     print(json.dumps(compare_json(stats, runs), indent=2) if args.json else compare_text(stats, runs))
@@ -91,7 +95,7 @@ def _add_report_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .store.inspect import inspect_text
 
-    print(inspect_text(args.run_dir))
+    print(inspect_text(args.run_dir, verify=not args.no_verify))
     return 0
 
 
@@ -173,6 +177,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"compass-monitor diff: interrupted; {args.out} keeps every committed snapshot", file=sys.stderr)
         return 130
+    from .store import open_run
+    from .summary import summary_text
+
     run = open_run(result.run_dir)
     if len(refs) == 1:
         print(table_row(run, spectral=args.spectral))
@@ -214,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live bf16 update masks and RLVR/SFT diagnostics for training runs.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     summary = sub.add_parser(
@@ -234,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "disk per group of arrays with the compression ratio against the plain arrays.",
     )
     inspect.add_argument("run_dir", metavar="RUN_DIR", help="a run store directory")
+    inspect.add_argument("--no-verify", action="store_true", help="skip decoding and checking every committed snapshot")
     inspect.set_defaults(func=_cmd_inspect)
 
     demo = sub.add_parser(
@@ -259,9 +268,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (StoreError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"compass-monitor {args.command}: error: {exc}", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # one line, what is wrong; the traceback with --debug
+        if args.debug:
+            raise
+        print(f"compass-monitor {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as one line: the store's own errors as they are, anything else with its type."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and exc.args:  # str(KeyError) quotes its key
+        text = str(exc.args[0])
+    if isinstance(exc, StoreError):
+        return text
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename or ''}: {exc.strerror}".lstrip(": ")
+    return f"{type(exc).__name__}: {text}" + (" (rerun with --debug for the traceback)" if not isinstance(exc, (ValueError, KeyError)) else "")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .module_types import MODULE_TYPES
+
 __all__ = ["MonitorConfig", "ConfigError"]
 
 
@@ -31,6 +33,13 @@ class MonitorConfig:
         include_biases: also monitor biases of linear layers (as 1 x n matrices).
         name_pattern: if set, only parameters whose name matches this regular
             expression (``re.search``) are monitored.
+        include_frozen: also monitor frozen matrices (``requires_grad=False``, or in
+            no param group of the optimizer given to the monitor); by default they
+            are left out and listed in the store's ``selection`` attribute.
+        module_type_map: regular expression -> module type for linear layers the
+            built-in table (``compass_monitor.module_types``) does not know, e.g.
+            ``{"attn.wq.weight$": "q"}``; searched in each
+            parameter's name before the table, first match wins.
         snapshot_on_close: take a last snapshot at ``close()`` if the last real
             step has none yet.
         max_warnings_per_param: how many non-finite warnings one parameter may log.
@@ -71,6 +80,8 @@ class MonitorConfig:
     include_norms: bool = False
     include_biases: bool = False
     name_pattern: str | None = None
+    include_frozen: bool = False
+    module_type_map: dict[str, str] = field(default_factory=dict)
     snapshot_on_close: bool = True
     max_warnings_per_param: int = 1
     writer_queue: int = 2
@@ -111,10 +122,22 @@ class MonitorConfig:
                 re.compile(self.name_pattern)
             except re.error as exc:
                 raise ConfigError(f"name_pattern is not a valid regular expression: {self.name_pattern!r} ({exc})") from exc
+        self._check_module_type_map()
         if not any(
             (self.include_linear, self.include_embeddings, self.include_lm_head, self.include_norms, self.include_biases)
         ):
             raise ConfigError("at least one include_* field must be True, got all False")
+
+    def _check_module_type_map(self) -> None:
+        if not isinstance(self.module_type_map, dict):
+            raise ConfigError(f"module_type_map must be a dict of regex -> module type, got {self.module_type_map!r}")
+        for pattern, kind in self.module_type_map.items():
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise ConfigError(f"module_type_map key {pattern!r} is not a valid regular expression ({exc})") from exc
+            if kind not in MODULE_TYPES:
+                raise ConfigError(f"module_type_map[{pattern!r}] = {kind!r} is not a module type; use one of {', '.join(MODULE_TYPES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (stored in the run metadata)."""

@@ -93,6 +93,8 @@ class CompassMonitor:
             checkpoint's step); default: the last committed snapshot's step.
             The monitor's step counter continues from it.
         group: the process group a sharded model spans (default: the world).
+        optimizer: the training optimizer, if known: parameters in none of its
+            param groups count as frozen (left out unless ``include_frozen``).
 
     Raises:
         ConfigError: an invalid configuration.
@@ -114,12 +116,13 @@ class CompassMonitor:
         resume: bool = False,
         resume_step: int | None = None,
         group: Any = None,
+        optimizer: Any = None,
     ) -> None:
         comm = Comm(group)
         if resume:
             config = agreed_config(comm, run_dir, config)
         config = config or MonitorConfig()
-        probe = ShardProbe.from_model(model, config, group=group, comm=comm)
+        probe = ShardProbe.from_model(model, config, group=group, comm=comm, optimizer=optimizer)
         self._start(probe, run_dir, config, run_name=run_name, metadata=metadata, model_class=model_class_of(model), resume=resume, resume_step=resume_step)
 
     @classmethod

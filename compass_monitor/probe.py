@@ -152,14 +152,15 @@ class ShardProbe:
         self.backend = "auto"
 
     @classmethod
-    def from_model(cls, model: Any, config: MonitorConfig, *, group: Any = None, comm: Comm | None = None) -> "ShardProbe":
-        """Discover this rank's shards of ``model`` and agree on the geometry with every rank (a collective)."""
+    def from_model(cls, model: Any, config: MonitorConfig, *, group: Any = None, comm: Comm | None = None, optimizer: Any = None) -> "ShardProbe":
+        """Discover this rank's shards of ``model`` and agree on the geometry with every rank (a collective);
+        ``optimizer``: parameters in none of its param groups count as frozen (``sharding.discover_shards``)."""
         from .selection import SelectionError
         from .sharding import discover_shards
 
         comm = comm or Comm(group)
         try:
-            layout, error = discover_shards(model, config, group=group), None
+            layout, error = discover_shards(model, config, group=group, optimizer=optimizer), None
         except (ShardingError, SelectionError) as exc:
             layout, error = None, exc
         return cls(layout, config, comm=comm, error=error)

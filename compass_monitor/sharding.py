@@ -32,7 +32,6 @@ It never imports a training framework.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +40,8 @@ import torch
 from torch import nn
 
 from .config import MonitorConfig
-from .selection import ParamSpec, SelectionError, _role_enabled, _role_of, layer_index_of, module_type_of, select_parameters
+from .canonical_views import unwrapped_modules
+from .selection import ParamSpec, SelectedMatrix, Selection, _Selector, select_matrices
 
 __all__ = [
     "LocalShard",
@@ -50,6 +50,7 @@ __all__ = [
     "ShapeChangedError",
     "discover_shards",
     "whole_shards",
+    "whole_layout",
     "sharding_kind",
 ]
 
@@ -120,8 +121,8 @@ class ShardLayout:
     group: Any = None  # torch.distributed ProcessGroup, None for the default group
     rank: int = 0
     world_size: int = 1
-    #: JSON-serialisable facts about the selection (excluded parameters and why, ...),
-    #: stored by the monitor under the store attribute ``selection``.
+    #: JSON facts about the selection (frozen / left-out matrices with reasons, unknown module names,
+    #: notes); the monitor stores them under the store attribute ``selection``.
     facts: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -144,21 +145,33 @@ class ShapeChangedError(ShardingError):
     """A monitored parameter no longer has the shape it had when the base was taken."""
 
 
-def _whole(spec: ParamSpec, param: torch.Tensor, *, contributes: bool = True, layout: str = "whole") -> LocalShard:
-    def values(p=param) -> torch.Tensor:
-        if p.numel() != spec.numel or (p.dim() == 2 and tuple(p.shape) != spec.shape):
+def _whole(
+    spec: ParamSpec, source: torch.Tensor | Callable[[], torch.Tensor], *, contributes: bool = True, layout: str = "whole"
+) -> LocalShard:
+    """A whole matrix as one shard; ``source`` is the tensor, or a function returning its current (m, n) view."""
+    view = source if callable(source) and not isinstance(source, torch.Tensor) else (lambda p=source: p.detach())
+
+    def values() -> torch.Tensor:
+        t = view()
+        if t.numel() != spec.numel or (t.dim() == 2 and tuple(t.shape) != spec.shape):
             raise ShapeChangedError(
-                f"parameter {spec.name!r} has shape {tuple(p.shape)} but had {spec.shape} when the base "
+                f"parameter {spec.name!r} has shape {tuple(t.shape)} but had {spec.shape} when the base "
                 "was taken; a resized parameter cannot be compared with its base. Start a new run store."
             )
-        return p.detach().reshape(-1)
+        return t.reshape(-1)
 
     return LocalShard(spec=spec, start=0, numel=spec.numel, contributes=contributes, layout=layout, values=values)
 
 
-def whole_shards(model: nn.Module, config: MonitorConfig) -> list[LocalShard]:
-    """Every selected parameter as a whole, contributed shard (a single process holds the model)."""
-    return [_whole(spec, param) for spec, param in select_parameters(model, config)]
+def whole_layout(model: nn.Module, config: MonitorConfig, *, optimizer: Any = None) -> ShardLayout:
+    """Every selected matrix as a whole, contributed shard (a single process holds the model), with the selection's facts."""
+    selection = select_matrices(model, config, optimizer=optimizer)
+    return ShardLayout(shards=[_whole(m.spec, m.matrix) for m in selection.matrices], kind="plain", facts=selection.facts)
+
+
+def whole_shards(model: nn.Module, config: MonitorConfig, *, optimizer: Any = None) -> list[LocalShard]:
+    """Every selected matrix as a whole, contributed shard (see :func:`whole_layout`)."""
+    return whole_layout(model, config, optimizer=optimizer).shards
 
 
 def sharding_kind(model: nn.Module) -> str:
@@ -189,12 +202,18 @@ def sharding_kind(model: nn.Module) -> str:
     return "plain"
 
 
-def discover_shards(model: nn.Module, config: MonitorConfig, *, group: Any = None) -> ShardLayout:
+def discover_shards(model: nn.Module, config: MonitorConfig, *, group: Any = None, optimizer: Any = None) -> ShardLayout:
     """The local shards of the parameters ``config`` selects, in the order a single process selects them.
 
     Names, roles, module types and shapes are those of the unsharded model
-    (FSDP1 wrapper prefixes removed), so the run store of a sharded run is laid
-    out exactly like that of a single-process run.
+    (every wrapper prefix removed), so the run store of a sharded run is laid
+    out exactly like that of a single-process run. Under sharding only plain
+    ``nn.Linear``-layout matrices can be mapped onto shards: a transposed
+    (``Conv1D``), fused-split, expert or LoRA view of a sharded parameter is
+    refused, naming it.
+
+    Args:
+        optimizer: when given, parameters in none of its param groups count as frozen.
 
     Raises:
         ShardingError: an unsupported layout (the message names the parameter).
@@ -202,15 +221,15 @@ def discover_shards(model: nn.Module, config: MonitorConfig, *, group: Any = Non
     """
     kind = sharding_kind(model)
     if kind == "plain":
-        return ShardLayout(shards=whole_shards(model, config), kind="plain")
+        return whole_layout(model, config, optimizer=optimizer)
     dist = _dist()
     if not dist.is_initialized():
         raise ShardingError(f"the model holds {kind} parameters but torch.distributed is not initialized")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if kind == "fsdp1":
-        shards = _fsdp1_shards(model, config, rank=rank)
+        shards, facts = _fsdp1_shards(model, config, rank=rank)
     else:
-        shards = _dtensor_shards(model, config, rank=rank, world=world)
+        shards, facts = _dtensor_shards(model, config, rank=rank, world=world, optimizer=optimizer)
     fsdp2 = False
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -218,23 +237,45 @@ def discover_shards(model: nn.Module, config: MonitorConfig, *, group: Any = Non
         fsdp2 = any(isinstance(m, FSDPModule) for m in model.modules())
     except ImportError:  # pragma: no cover
         pass
-    return ShardLayout(shards=shards, kind="fsdp2" if fsdp2 and kind == "dtensor" else kind, group=group, rank=rank, world_size=world)
+    kind = "fsdp2" if fsdp2 and kind == "dtensor" else kind
+    return ShardLayout(shards=shards, kind=kind, group=group, rank=rank, world_size=world, facts=facts)
 
 
 # ----------------------------------------------------------------------------- DTensor / FSDP2
 
 
-def _dtensor_shards(model: nn.Module, config: MonitorConfig, *, rank: int, world: int) -> list[LocalShard]:
+def _refuse_view(matrix: SelectedMatrix, layout: str) -> ShardingError:
+    spec = matrix.spec
+    how = []
+    if spec.get("layout") == "in_out":
+        how.append("stored transposed (Conv1D, (in, out))")
+    if spec.get("rows") is not None:
+        how.append(f"a row block of the fused {spec.get('source')}")
+    if spec.get("expert") is not None:
+        how.append("one expert of a 3-D expert tensor")
+    if spec.get("adapter"):
+        how.append(f"the effective weight of a {spec.get('adapter')} layer")
+    return ShardingError(
+        f"compass-monitor cannot read {spec.name!r} under {layout}: it is {' and '.join(how) or 'not a plain matrix'}, "
+        "and a shard of that parameter is not a contiguous block of the monitored (out, in) matrix. Monitor it "
+        "unsharded (single device or DDP), or leave it out with MonitorConfig(name_pattern=...)."
+    )
+
+
+def _dtensor_shards(model: nn.Module, config: MonitorConfig, *, rank: int, world: int, optimizer: Any) -> tuple[list[LocalShard], dict[str, Any]]:
     from torch.distributed.tensor import DTensor
 
+    selection = select_matrices(model, config, optimizer=optimizer)
     shards = []
-    for spec, param in select_parameters(model, config):
-        if isinstance(param, DTensor):
-            shards.append(_dtensor_shard(spec, param, world=world))
+    for matrix in selection.matrices:
+        if isinstance(matrix.source, DTensor):
+            if not matrix.plain:
+                raise _refuse_view(matrix, f"DTensor placements {tuple(matrix.source.placements)}")
+            shards.append(_dtensor_shard(matrix.spec, matrix.source, world=world))
         else:
             # Not managed by FSDP2: every rank holds the same copy; rank 0 contributes it.
-            shards.append(_whole(spec, param, contributes=rank == 0, layout="replicated (not sharded)"))
-    return shards
+            shards.append(_whole(matrix.spec, matrix.matrix, contributes=rank == 0, layout="replicated (not sharded)"))
+    return shards, selection.facts
 
 
 def _dtensor_shard(spec: ParamSpec, param: Any, *, world: int) -> LocalShard:
@@ -284,14 +325,14 @@ def _dtensor_shard(spec: ParamSpec, param: Any, *, world: int) -> LocalShard:
 # ----------------------------------------------------------------------------- FSDP1
 
 
-def _clean(name: str) -> str:
-    from torch.distributed.fsdp._common_utils import clean_tensor_name
+def _fsdp1_shards(model: nn.Module, config: MonitorConfig, *, rank: int) -> tuple[list[LocalShard], dict[str, Any]]:
+    """Original parameters of FSDP1 flat parameters, in single-process selection order.
 
-    return clean_tensor_name(name)
-
-
-def _fsdp1_shards(model: nn.Module, config: MonitorConfig, *, rank: int) -> list[LocalShard]:
-    """Original parameters of FSDP1 flat parameters, in single-process selection order."""
+    Each flat parameter's original parameters stand in the selection as meta
+    tensors of their unsharded shape (with the flat parameter's
+    ``requires_grad``), so names, roles, types and frozen status are decided
+    exactly as for the unwrapped model.
+    """
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
     dist = _dist()
@@ -304,55 +345,37 @@ def _fsdp1_shards(model: nn.Module, config: MonitorConfig, *, rank: int) -> list
         for i, info in enumerate(flat._param_infos):
             managed.setdefault(id(info.module), []).append((info.param_name, flat, i, fsdp))
 
-    pattern = re.compile(config.name_pattern) if config.name_pattern else None
-    seen: set[int] = set()
-    roles_found: dict[str, int] = {}
-    shards: list[LocalShard] = []
-    for raw_module_name, module in model.named_modules():
+    selector = _Selector(model, config, None)
+    sources: dict[int, tuple[Any, int, Any]] = {}  # id(meta stand-in) -> (flat parameter, index, FSDP module)
+    entries: list[tuple[str, nn.Module, Any, str, torch.Tensor]] = []
+    for module_name, module, tuner in unwrapped_modules(model):
         if isinstance(module, FullyShardedDataParallel):
             continue
-        module_name = _clean(raw_module_name)
         flat_entries = managed.get(id(module), [])
         flat_names = {entry[0] for entry in flat_entries}
-        entries: list[tuple[str, torch.Size, torch.dtype, Any]] = []
         for param_name, param in module.named_parameters(recurse=False):
             if type(param).__name__ == "FlatParameter" or getattr(param, "_is_flat_param", False):
                 continue
-            if param_name in flat_names or id(param) in seen:
+            if param_name in flat_names:
                 continue  # a use_orig_params view: taken from its flat parameter below
-            seen.add(id(param))
-            entries.append((param_name, param.shape, param.dtype, ("plain", param)))
+            entries.append((module_name, module, tuner, param_name, param))
         for param_name, flat, i, fsdp in flat_entries:
-            entries.append((param_name, flat._shapes[i], flat.dtype, ("flat", flat, i, fsdp)))
-        for param_name, shape, dtype, source in entries:
-            probe = torch.empty(shape, device="meta", dtype=dtype)
-            role = _role_of(module, module_name, param_name, probe)
-            if role is None:
-                continue
-            roles_found[role] = roles_found.get(role, 0) + 1
-            full_name = f"{module_name}.{param_name}" if module_name else param_name
-            if not _role_enabled(role, config) or (pattern and not pattern.search(full_name)) or not dtype.is_floating_point:
-                continue
-            mat = tuple(shape) if len(shape) == 2 else (1, int(probe.numel()))
-            spec = ParamSpec(
-                name=full_name,
-                role=role,
-                module_type=module_type_of(module_name) if role == "linear" else role,
-                layer=layer_index_of(full_name),
-                shape=(int(mat[0]), int(mat[1])),
-            )
-            if source[0] == "plain":
-                shards.append(_whole(spec, source[1], contributes=rank == 0, layout="replicated (not managed by FSDP)"))
-            else:
-                _, flat, i, fsdp = source
-                shards.append(_flat_shard(spec, flat, i, fsdp, dist=dist, strategy_enum=ShardingStrategy, rank=rank))
-    if not shards:
-        found = ", ".join(f"{count} {role}" for role, count in sorted(roles_found.items())) or "no floating-point weights"
-        raise SelectionError(
-            f"no parameter of {type(model).__name__} matches the monitor configuration "
-            f"(model has: {found}; name_pattern={config.name_pattern!r})."
-        )
-    return shards
+            stand_in = torch.empty(flat._shapes[i], device="meta", dtype=flat.dtype).requires_grad_(flat.requires_grad)
+            selector.probes.add(id(stand_in))
+            sources[id(stand_in)] = (flat, i, fsdp)
+            entries.append((module_name, module, tuner, param_name, stand_in))
+    selection: Selection = selector.run(entries)
+    shards: list[LocalShard] = []
+    for matrix in selection.matrices:
+        source = sources.get(id(matrix.source))
+        if source is None:
+            shards.append(_whole(matrix.spec, matrix.matrix, contributes=rank == 0, layout="replicated (not managed by FSDP)"))
+            continue
+        flat, i, fsdp = source
+        if not matrix.plain:
+            raise _refuse_view(matrix, f"FSDP1 {fsdp.sharding_strategy.name} (flat parameter)")
+        shards.append(_flat_shard(matrix.spec, flat, i, fsdp, dist=dist, strategy_enum=ShardingStrategy, rank=rank))
+    return shards, selection.facts
 
 
 def _flat_shard(spec: ParamSpec, flat: Any, index: int, fsdp: Any, *, dist: Any, strategy_enum: Any, rank: int) -> LocalShard:

@@ -18,11 +18,11 @@ scalars reach only ``trainer.state.log_history`` (a warning says so once).
 
 What it does, event by event:
 
-* ``on_train_begin``: refuses models sharded in a way the installed core
-  cannot measure (DeepSpeed ZeRO-3; FSDP / FSDP2 without the core's sharded
-  support); binds the parameters and takes the base W0 (a resumed run continues
-  its run store instead); hooks the optimizer inside accelerate's wrapper
-  (``kwargs["optimizer"].optimizer``) with ``register_step_post_hook``.
+* ``on_train_begin``: binds the parameters and takes the base W0 (a resumed
+  run continues its run store instead; a second ``trainer.train()`` continues
+  the same store at the real optimizer step); hooks the optimizer inside
+  accelerate's wrapper with ``register_step_post_hook``. A monitor that cannot
+  start logs why; training is never stopped by it.
 * ``on_step_end`` (once per optimizer step, after gradient accumulation): one
   monitor step if the optimizer really stepped (a step that the ``GradScaler``
   skipped does not count); on a snapshot step it asks the Trainer to log
@@ -31,7 +31,11 @@ What it does, event by event:
 * ``on_log``: adds the pending scalars (``compass/...``) to the logs dict.
 * ``state()`` (``ExportableState``): the step counter and the monitor's state
   go into each checkpoint's ``trainer_state.json``; ``trainer.train(
-  resume_from_checkpoint=...)`` continues the same run store from there.
+  resume_from_checkpoint=...)`` continues the same run store from there. With
+  ``restore_callback_states_from_checkpoint=True`` transformers rebuilds the
+  callback from that state and appends it after the reporting integrations;
+  the rebuilt callback finds the trainer ``watch`` attached to (by run store)
+  and moves back to the front, so its scalars keep reaching every logger.
 * ``on_train_end``: the store is finalized.
 
 A whole model (one device, DDP) is monitored by the world's process zero only;
@@ -44,20 +48,19 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 import transformers
 from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from compass_monitor import CompassMonitor, MonitorConfig
 
-from ._resume import create_or_resume, monitor_state, select_groups
-from ._sharding import UnsupportedShardingError, core_supports_sharding, monitor_on_every_rank
+from ._core import AdapterCore, monitored_on_every_rank
 
-__all__ = ["CompassTrainerCallback", "UnsupportedShardingError", "watch"]
+__all__ = ["CompassTrainerCallback", "watch"]
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +79,11 @@ class CompassTrainerCallback(TrainerCallback, ExportableState):
             global numbers alone); default: all of them (``all_linear`` and each
             module type).
         run_name, metadata: recorded in the store (see :class:`CompassMonitor`).
-
-    Raises:
-        UnsupportedShardingError: the Trainer shards parameters (FSDP, DeepSpeed
-            ZeRO-3); sharded support is not in the core yet.
     """
+
+    #: Callback handlers ``watch`` attached to, by run store: transformers rebuilds a restored callback from JSON
+    #: arguments, so this process-local map is its only way back to the trainer (weak: it keeps nothing alive).
+    _handlers: ClassVar[weakref.WeakValueDictionary[str, CallbackHandler]] = weakref.WeakValueDictionary()
 
     def __init__(
         self,
@@ -96,94 +99,89 @@ class CompassTrainerCallback(TrainerCallback, ExportableState):
         self.run_dir = os.fspath(run_dir)
         self.config = MonitorConfig(**config) if isinstance(config, dict) else (config or MonitorConfig())
         self.log_scalars = log_scalars
-        self.prefix = prefix
-        self.log_groups = None if log_groups is None else tuple(log_groups)
-        self.run_name = run_name
-        self.metadata = metadata
-        self.monitor: CompassMonitor | None = None
+        self.core = AdapterCore(
+            self.run_dir, config=self.config, prefix=prefix, log_groups=log_groups, run_name=run_name, metadata=metadata
+        )
         self.step = 0  # real optimizer steps, counted on every process
-        self._stepped = False
-        self._hooked = False
         self._pending: dict[str, float] | None = None
         self._resume_from: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
-        self._first_in_line = False  # set by watch(): runs before the reporting integrations
-        self._handle: Any = None
+
+    @property
+    def monitor(self) -> CompassMonitor | None:
+        """The monitor of the current (or last) training on this process; None where this process does not monitor."""
+        return self.core.monitor
 
     # -- set-up --------------------------------------------------------------------
-    def on_init_end(self, args, state, control, **kwargs):
-        _check_args(args)
+    def _take_front_place(self) -> bool:
+        """Run before the reporting integrations (so they see the scalars); whether this callback does."""
+        handler = self._handlers.get(os.path.abspath(self.run_dir))
+        if handler is None or self not in handler.callbacks:
+            return False
+        if handler.callbacks[0] is not self:
+            # A restored callback was appended last: move it to the front. Events iterate the list by index,
+            # and moving the current element to the front keeps every later element's index.
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+        return True
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        _check_args(args)
-        every_rank = monitor_on_every_rank(model, where="this Trainer's model")
+        first = self._take_front_place()
         resume = self._resume_from if self._resume_from is not None else self._stored_state(state)
         self._resume_from = None
         # transformers indexes stateful_callbacks by class name at every save; a checkpoint written without
         # this callback lacks the entry.
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
-        self.step = int(resume["step"]) if resume else 0
-        if self.log_scalars and not self._first_in_line and _reporters(args):
+        if resume:
+            self.step = int(resume["step"])
+        elif 0 < state.global_step < self.step:
+            self.step = state.global_step  # an earlier train() of this callback, and the trainer's step went back
+        # otherwise a second train() counts on from this callback's steps (the weights took them), on every process
+        if self.log_scalars and not first and _reporters(args):
             log.warning(
                 "compass-monitor: scalars go to trainer.state.log_history but not to %s: the Trainer calls "
                 "callbacks passed as Trainer(callbacks=...) after its reporting integrations. Attach with "
                 "compass_monitor.integrations.hf.watch(trainer, ...) to log them there.",
                 _reporters(args),
             )
-        if state.is_world_process_zero or every_rank:
-            metadata = {"framework": "transformers", "transformers": transformers.__version__, **(self.metadata or {})}
-            self.monitor = create_or_resume(
-                model,
-                self.run_dir,
-                config=self.config,
-                run_name=self.run_name,
-                metadata=metadata,
-                state=resume.get("monitor") if resume else None,
-            )
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
-        if isinstance(inner, torch.optim.Optimizer):
-            handle = inner.register_step_post_hook(self._on_optimizer_step)
-            self._hooked = True
-            if self.monitor is not None:
-                self.monitor.own_hook(handle)
-            self._handle = handle
-
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._stepped = True
+        try:
+            every_rank: bool | None = monitored_on_every_rank(model)
+        except Exception as exc:  # DeepSpeed ZeRO-3 and other layouts the core cannot read
+            every_rank = None
+            log.error("compass-monitor: this run is not monitored: %s", exc)
+        self.core.start(
+            model,
+            metadata={"framework": "transformers", "transformers": transformers.__version__},
+            optimizers=[optimizer] if optimizer is not None else [],
+            framework_step=state.global_step,
+            checkpoint=resume.get("monitor") if resume else None,
+            create=every_rank is not None and (state.is_world_process_zero or every_rank),
+        )
 
     def _stored_state(self, state) -> dict[str, Any] | None:
         if state.global_step == 0:
             return None
         stored = state.stateful_callbacks.get(type(self).__name__)
         for entry in stored if isinstance(stored, list) else [stored]:
-            if not entry:
-                continue
-            if os.path.abspath(entry.get("args", {}).get("run_dir", "")) != os.path.abspath(self.run_dir):
-                log.warning(
-                    "compass-monitor: the checkpoint's monitor wrote to %s, this one to %s: starting a new run "
-                    "whose base W0 is the checkpoint's weights",
-                    entry.get("args", {}).get("run_dir"),
-                    self.run_dir,
-                )
-                continue
-            return entry.get("attributes", {}).get("_resume_from")
+            if entry and self.core.same_run(entry.get("args", {}).get("run_dir")):
+                return entry.get("attributes", {}).get("_resume_from")
         return None
 
     # -- steps -----------------------------------------------------------------------
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        stepped = self._stepped if self._hooked else not getattr(optimizer, "step_was_skipped", False)
-        self._stepped = False
+        gate = self.core.gate
+        stepped = gate.take() if gate.hooked else not getattr(optimizer, "step_was_skipped", False)
         if not stepped:
             return
         self.step += 1
         last = state.max_steps > 0 and state.global_step >= state.max_steps
         due = self.step % self.config.every_n_steps == 0 or last
-        monitor = self.monitor
+        monitor = self.core.monitor
         if monitor is not None:
             monitor.on_optimizer_step()
             if last:
                 monitor.snapshot()
-            if self.log_scalars and state.is_world_process_zero and monitor.enabled and monitor.latest_step == self.step:
-                self._pending = select_groups(monitor.latest_scalars(prefix=self.prefix), self.log_groups)
+            if self.log_scalars and state.is_world_process_zero:
+                self._pending = self.core.new_scalars() or self._pending
         if due and self.log_scalars:
             control.should_log = True  # on every process: the Trainer's log gathers the loss across processes
 
@@ -196,25 +194,21 @@ class CompassTrainerCallback(TrainerCallback, ExportableState):
         self._pending = None
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.monitor is not None:
-            self.monitor.close()
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self.core.finish()
 
     # -- checkpoints -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """What ``trainer_state.json`` keeps: the arguments, the step count and the monitor's state."""
-        resume = {"step": self.step, "monitor": monitor_state(self.monitor) if self.monitor is not None else None}
+        resume = {"step": self.step, "monitor": self.core.checkpoint_state()}
         return {
             "args": {
                 "run_dir": self.run_dir,
                 "config": self.config.to_dict(),
                 "log_scalars": self.log_scalars,
-                "prefix": self.prefix,
-                "log_groups": None if self.log_groups is None else list(self.log_groups),
-                "run_name": self.run_name,
-                "metadata": self.metadata,
+                "prefix": self.core.prefix,
+                "log_groups": None if self.core.log_groups is None else list(self.core.log_groups),
+                "run_name": self.core.run_name,
+                "metadata": self.core.metadata or None,
             },
             "attributes": {"_resume_from": resume},
         }
@@ -230,26 +224,15 @@ def watch(
     """Monitor ``trainer``'s model; its scalars go to every logger the trainer reports to.
 
     Keyword arguments go to :class:`CompassTrainerCallback`. Returns the
-    callback (its ``monitor`` exists once training has begun).
-
-    Raises:
-        UnsupportedShardingError: the trainer is set up for FSDP.
+    callback (its ``monitor`` exists once training has begun). With
+    ``restore_callback_states_from_checkpoint=True`` transformers replaces it
+    by one rebuilt from the checkpoint; ``trainer.callback_handler.callbacks[0]``
+    is then the live one.
     """
-    _check_args(trainer.args)
     callback = CompassTrainerCallback(run_dir, config=config, **kwargs)
-    callback._first_in_line = True
     trainer.callback_handler.callbacks.insert(0, callback)
+    CompassTrainerCallback._handlers[os.path.abspath(callback.run_dir)] = trainer.callback_handler
     return callback
-
-
-def _check_args(args: Any) -> None:
-    if getattr(args, "fsdp", None) and not core_supports_sharding():
-        raise UnsupportedShardingError(
-            "compass-monitor cannot watch a Trainer set up for FSDP (TrainingArguments.fsdp): it shards parameters "
-            "across processes, and this compass-monitor core compares whole matrices on one process (it has no "
-            "sharded support). Train without FSDP (single device or DDP), upgrade compass-monitor, or leave the "
-            "callback out of this run."
-        )
 
 
 def _reporters(args: Any) -> list[str]:

@@ -5,16 +5,17 @@ One line in an existing Lightning script::
     from compass_monitor.integrations.lightning import CompassCallback
     trainer = L.Trainer(..., callbacks=[CompassCallback("runs/my-run", config=MonitorConfig(every_n_steps=10))])
 
-What it does, hook by hook:
+What it does, hook by hook (the shared logic is ``integrations/_core.py``):
 
-* ``setup``: refuses DeepSpeed, and ``FSDPStrategy`` / ``ModelParallelStrategy``
-  (FSDP2) when the installed core has no sharded support, before any work starts.
 * ``on_train_start``: binds the parameters and takes the base W0 (weights are
   final here: restored from a checkpoint, and sharded, only after
   ``on_fit_start``). A whole model (one device, DDP) is monitored on global
   rank 0 only: other ranks hold the same weights and do nothing. A sharded
-  model (FSDP, FSDP2) gets a monitor on every rank, which the core keeps in
-  step with collectives; rank 0 writes the store and logs.
+  model (FSDP, FSDP2 / ``ModelParallelStrategy``) gets a monitor on every
+  rank, which the core keeps in step with collectives; rank 0 writes the
+  store and logs. A second ``trainer.fit()`` with the same callback continues
+  the same store at the real optimizer step. Nothing here raises into
+  training: a monitor that cannot start logs why, and training runs unmonitored.
 * ``on_train_batch_end``: one monitor step per training batch in which an
   optimizer really stepped: ``trainer.global_step`` advanced (so micro-batches
   of ``accumulate_grad_batches`` do not count, the pattern of Lightning's
@@ -39,19 +40,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from compass_monitor import CompassMonitor, MonitorConfig
 
-from ._resume import create_or_resume, monitor_state, select_groups
-from ._sharding import UnsupportedShardingError, core_supports_sharding, monitor_on_every_rank
+from ._core import AdapterCore, monitored_on_every_rank
 
-__all__ = ["CompassCallback", "UnsupportedShardingError"]
+__all__ = ["CompassCallback"]
 
 log = logging.getLogger(__name__)
-
-_FSDP_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 
 
 class CompassCallback(Callback):
@@ -68,11 +65,6 @@ class CompassCallback(Callback):
             global numbers alone); default: all of them (``all_linear`` and each
             module type).
         run_name, metadata: recorded in the store (see :class:`CompassMonitor`).
-
-    Raises:
-        UnsupportedShardingError: (at ``setup`` / ``on_train_start``) the
-            strategy shards parameters in a way the installed core cannot
-            monitor (DeepSpeed; FSDP / FSDP2 without the core's sharded support).
 
     Example::
 
@@ -96,52 +88,34 @@ class CompassCallback(Callback):
         self.run_dir = os.fspath(run_dir)
         self.config = config or MonitorConfig()
         self.log_scalars = log_scalars
-        self.prefix = prefix
-        self.log_groups = None if log_groups is None else tuple(log_groups)
-        self.run_name = run_name
-        self.metadata = metadata
-        self.monitor: CompassMonitor | None = None
+        self.core = AdapterCore(
+            self.run_dir, config=self.config, prefix=prefix, log_groups=log_groups, run_name=run_name, metadata=metadata
+        )
         self._last_global_step = 0
-        self._stepped = False
-        self._handles: list[Any] = []
-        self._logged_step: int | None = None
         self._resume_from: dict[str, Any] | None = None
 
+    @property
+    def monitor(self) -> CompassMonitor | None:
+        """The monitor of the current (or last) fit on this rank; None where this rank does not monitor."""
+        return self.core.monitor
+
     # -- set-up ------------------------------------------------------------------
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
-            return
-        strategy = type(trainer.strategy).__name__
-        if strategy.startswith("DeepSpeed") or (strategy in _FSDP_STRATEGIES and not core_supports_sharding()):
-            raise UnsupportedShardingError(
-                f"CompassCallback cannot watch a model trained with {strategy}: it shards parameters across "
-                "processes in a way this compass-monitor core cannot measure (it reads FSDP1 and FSDP2 / DTensor "
-                "shards when it has sharded support). Use a single device, DDPStrategy or FSDP, or leave "
-                "CompassCallback out of this run."
-            )
-
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        every_rank = monitor_on_every_rank(pl_module, where=f"Lightning {type(trainer.strategy).__name__}")
-        self._last_global_step = trainer.global_step if self._resume_from is None else self._resume_from["last_global_step"]
-        if not (trainer.is_global_zero or every_rank):
-            return
-        self.monitor = create_or_resume(
+        resume, self._resume_from = self._resume_from, None
+        self._last_global_step = trainer.global_step if resume is None else resume.get("last_global_step", 0)
+        try:
+            every_rank = monitored_on_every_rank(pl_module)
+        except Exception as exc:  # DeepSpeed ZeRO-3 and other layouts the core cannot read
+            every_rank = None
+            log.error("compass-monitor: this run is not monitored: %s", exc)
+        self.core.start(
             pl_module,
-            self.run_dir,
-            config=self.config,
-            run_name=self.run_name,
-            metadata={"framework": "lightning", "lightning": pl.__version__, **(self.metadata or {})},
-            state=None if self._resume_from is None else self._resume_from.get("monitor"),
+            metadata={"framework": "lightning", "lightning": pl.__version__, "strategy": type(trainer.strategy).__name__},
+            optimizers=trainer.optimizers,
+            framework_step=trainer.global_step,
+            checkpoint=None if resume is None else resume.get("monitor"),
+            create=every_rank is not None and (trainer.is_global_zero or every_rank),
         )
-        self._resume_from = None
-        self._logged_step = self.monitor.latest_step  # a resumed run's last snapshot was logged before the crash
-        for optimizer in trainer.optimizers:
-            handle = optimizer.register_step_post_hook(self._on_optimizer_step)
-            self._handles.append(handle)
-            self.monitor.own_hook(handle)
-
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._stepped = True
 
     # -- steps -------------------------------------------------------------------
     def on_train_batch_end(
@@ -150,57 +124,38 @@ class CompassCallback(Callback):
         if trainer.global_step <= self._last_global_step:
             return  # a micro-batch of gradient accumulation: no optimizer step yet
         self._last_global_step = trainer.global_step
-        stepped, self._stepped = self._stepped, False
-        monitor = self.monitor
-        if monitor is None or not monitor.enabled or not stepped:
-            return
-        monitor.on_optimizer_step()
-        self._log(trainer)
+        if self.core.step():
+            self._log(trainer)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.monitor is None:
-            return
-        self.monitor.close()
+        self.core.finish()
         self._log(trainer)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         # Commit what was measured and leave the store "running", so that a fit resumed from a checkpoint continues it.
-        self._remove_hooks()
-        if self.monitor is not None and self.monitor.enabled and hasattr(self.monitor, "flush"):
-            self.monitor.flush()
+        self.core.interrupted()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.core.gate.remove()
 
     def _log(self, trainer: "pl.Trainer") -> None:
-        monitor = self.monitor
-        if not self.log_scalars or not trainer.is_global_zero or monitor is None or monitor.latest_step in (None, self._logged_step):
+        if not self.log_scalars or not trainer.is_global_zero:
             return
-        scalars = select_groups(monitor.latest_scalars(prefix=self.prefix), self.log_groups)
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=monitor.latest_step)
-        self._logged_step = monitor.latest_step
+        scalars = self.core.new_scalars()
+        if scalars:
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=self.core.monitor.latest_step)
 
     # -- checkpoints ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"run_dir": self.run_dir, "last_global_step": self._last_global_step}
-        if self.monitor is not None:
-            state["monitor"] = monitor_state(self.monitor)
+        monitor = self.core.checkpoint_state()
+        if monitor is not None:
+            state["monitor"] = monitor
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if os.path.abspath(state_dict.get("run_dir", self.run_dir)) != os.path.abspath(self.run_dir):
-            log.warning(
-                "compass-monitor: the checkpoint's CompassCallback wrote to %s, this one to %s: starting a new run "
-                "whose base W0 is the checkpoint's weights (pass the same run_dir to continue that run instead)",
-                state_dict.get("run_dir"),
-                self.run_dir,
-            )
+        if self.core.same_run(state_dict.get("run_dir")):
+            self._resume_from = dict(state_dict)
+        else:  # another run's checkpoint: a new run whose base is the checkpoint's weights
             self._resume_from = {"last_global_step": state_dict.get("last_global_step", 0)}
-            return
-        self._resume_from = dict(state_dict)

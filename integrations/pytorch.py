@@ -52,8 +52,11 @@ def watch(
 ) -> CompassMonitor:
     """Create a monitor for ``model`` (its current weights are the base) and count ``optimizer``'s steps.
 
+    Parameters in none of ``optimizer``'s param groups count as frozen (left
+    out unless ``MonitorConfig.include_frozen``).
+
     Keyword arguments go to :class:`compass_monitor.CompassMonitor`.
     """
-    monitor = CompassMonitor(model, run_dir, config=config, **kwargs)
+    monitor = CompassMonitor(model, run_dir, config=config, optimizer=optimizer, **kwargs)
     attach_optimizer(monitor, optimizer)
     return monitor

@@ -8,7 +8,6 @@ training script or its config::
 
     export COMPASS_MONITOR_RUN_DIR=/data/runs/grpo-qwen     # activates the plugin
     export COMPASS_MONITOR_CONFIG='{"every_n_steps": 10}'   # optional MonitorConfig fields (JSON)
-    export COMPASS_MONITOR_VERL_READ=auto                   # optional: auto | module | export (see below)
     python -m verl.trainer.main_ppo ...                     # as before
 
 (On a multi-node Ray cluster, pass both variables to the workers through
@@ -28,16 +27,10 @@ finite gradients (or lets ``GradScaler`` skip).
   on every N-th it reads the weights and snapshots. After the update, the new
   snapshot's scalars join the update's metrics, so verl's own loggers (console,
   wandb, TensorBoard, ...) show them as ``actor/compass/...``.
-* Reading the weights. With a core that has sharded support
-  (``compass_monitor.probe``), the monitor is built on every rank
-  from ``engine.module`` (FSDP2 DTensor / FSDP1 shards: each rank measures its
-  local rows, the core combines them with collectives, rank 0 writes), so an
-  actor on any number of ranks is monitored. Without it, the weights are read
-  through ``engine.get_per_tensor_param_shard()``, each rank's local bf16 shard
-  with its ``ShardSpec``, placed with
-  ``verl.workers.engine.spec.derive_dtensor_placement``; each monitored shard
-  must then be the whole tensor (one training rank), and an actor on several
-  ranks is refused on every rank, without any collective, with a logged error.
+* Reading the weights: the monitor is built from ``engine.module``; sharded
+  (FSDP2 DTensor / FSDP1), there is one monitor per rank: each measures its
+  local rows, the core combines them with collectives, rank 0 writes; so an
+  actor on any number of ranks is monitored (``integrations/_core.py``).
 * ``TrainingWorker.save_checkpoint`` / ``load_checkpoint`` are wrapped: the
   monitor's state goes to ``<checkpoint>/compass_monitor.json``; a run resumed
   from that checkpoint continues the same run store.
@@ -55,112 +48,23 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from compass_monitor import CompassMonitor, MonitorConfig
 
-from ._resume import create_or_resume, monitor_state
-from ._sharding import UnsupportedShardingError, core_supports_sharding
+from ._core import AdapterCore, monitored_on_every_rank
 
-__all__ = ["ENV_CONFIG", "ENV_RUN_DIR", "VerlSession", "build_proxy", "patch_training_worker", "whole_local_tensors"]
+__all__ = ["ENV_CONFIG", "ENV_RUN_DIR", "VerlSession", "patch_training_worker"]
 
 log = logging.getLogger("compass_monitor.verl")
 
 ENV_RUN_DIR = "COMPASS_MONITOR_RUN_DIR"
 ENV_CONFIG = "COMPASS_MONITOR_CONFIG"
 ENV_MODEL_TYPES = "COMPASS_MONITOR_MODEL_TYPES"  # comma-separated; default "language_model" (the actor)
-ENV_READ = "COMPASS_MONITOR_VERL_READ"  # "auto" (default), "module" (the core reads engine.module), "export"
 STATE_FILE = "compass_monitor.json"
 _TARGET = "verl.workers.engine_workers"
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-# -- reading the actor's weights --------------------------------------------------
-def whole_local_tensors(shards: Iterable[tuple[str, torch.Tensor, Any]], *, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """``{name: tensor in its full shape}`` from ``engine.get_per_tensor_param_shard()``'s generator.
-
-    Every tensor this process holds must be the whole parameter (unsharded,
-    replicated, or a one-rank shard); ``wanted`` limits which are kept (the
-    rest are dropped as the generator yields them).
-
-    Raises:
-        UnsupportedShardingError: a parameter's local block is part of the tensor.
-    """
-    from verl.workers.engine.spec import BlockPlacement, derive_dtensor_placement
-
-    out: dict[str, torch.Tensor] = {}
-    for name, local, spec in shards:
-        if wanted is not None and name not in wanted:
-            continue
-        full_shape = tuple(spec.full_shape)
-        if getattr(spec, "place", None) is None:
-            place, _, _ = derive_dtensor_placement(spec)
-        else:
-            place = spec.place
-        whole = local.numel() == _numel(full_shape) and (
-            place == 0 or (isinstance(place, BlockPlacement) and tuple(place.local_shape) == full_shape)
-        )
-        if not whole:
-            raise UnsupportedShardingError(
-                f"compass-monitor cannot watch this verl actor: {name} is sharded across ranks "
-                f"(local {tuple(local.shape)} of {full_shape}). The core compares whole matrices on one process; "
-                "sharded support (local shard + global offset) is not in the core yet. Train the actor on one "
-                "rank, or unset COMPASS_MONITOR_RUN_DIR for this run."
-            )
-        out[name] = local.reshape(full_shape)
-    return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _clean(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def _plain_class(module: nn.Module) -> type[nn.Module]:
-    """The module's own class, not FSDP2's dynamic ``FSDP<Class>`` subclass."""
-    for cls in type(module).__mro__:
-        if not cls.__module__.startswith("torch.distributed"):
-            return cls
-    return nn.Module
-
-
-def build_proxy(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A module tree with the names and module classes of ``module`` that holds ``tensors`` as parameters.
-
-    The core selects parameters by module class (Linear, Embedding, *Norm) and
-    name; the proxy gives it that view of the engine's (wrapped, sharded)
-    module. Its parameters are rebound to fresh tensors (``param.data = ...``)
-    before each snapshot, so the monitor always reads the current weights.
-    """
-    classes = {_clean(name): _plain_class(sub) for name, sub in module.named_modules()}
-    root = nn.Module()
-    for name, tensor in tensors.items():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = root
-        path = []
-        for part in owner_name.split(".") if owner_name else []:
-            path.append(part)
-            child = owner._modules.get(part)
-            if child is None:
-                cls = classes.get(".".join(path), nn.Module)
-                child = cls.__new__(cls)
-                nn.Module.__init__(child)
-                owner.add_module(part, child)
-            owner = child
-        owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
-    return root
 
 
 # -- one monitored worker -------------------------------------------------------------
@@ -169,71 +73,37 @@ class VerlSession:
 
     def __init__(self, worker: Any, *, run_dir: str, config: MonitorConfig, resume: dict[str, Any] | None = None) -> None:
         self.engine = worker.engine
-        self.every = config.every_n_steps
-        self._reported: int | None = None
-        self._params: dict[str, nn.Parameter] = {}
         module = getattr(self.engine, "module", None)
-        metadata = {"framework": "verl", "verl": _verl_version(), "model_type": worker.config.model_type}
-        read = os.environ.get(ENV_READ, "auto")
-        if read not in ("auto", "module", "export"):
-            raise ValueError(f"{ENV_READ} must be auto, module or export, got {read!r}")
-        if read == "module" or (read == "auto" and core_supports_sharding()):
-            # The core reads each rank's shards of the engine's module itself (one monitor per rank).
-            self.monitor: CompassMonitor = create_or_resume(
-                module, run_dir, config=config, run_name=None, metadata=metadata, state=resume
-            )
-        else:
-            self.monitor = self._monitor_through_export(module, run_dir, config, metadata, resume)
-        self._reported = self.monitor.latest_step
-        self.monitor.own_hook(self.engine.optimizer.register_step_post_hook(self._on_step))
+        self.core = AdapterCore(run_dir, config=config)
+        # Sharded (FSDP1/FSDP2): a monitor on every rank, in step by collectives; whole: rank 0 alone.
+        every_rank = monitored_on_every_rank(module)
+        monitor = self.core.start(
+            module,
+            metadata={"framework": "verl", "verl": _verl_version(), "model_type": worker.config.model_type},
+            optimizers=[self.engine.optimizer],
+            checkpoint=resume,
+            create=every_rank or _rank() == 0,
+        )
+        if monitor is not None:  # every real optimizer step counts (several per trainer step)
+            monitor.own_hook(self.engine.optimizer.register_step_post_hook(self._on_step))
 
-    def _monitor_through_export(
-        self, module: nn.Module, run_dir: str, config: MonitorConfig, metadata: dict[str, Any], resume: dict[str, Any] | None
-    ) -> CompassMonitor:
-        """A monitor over a proxy of whole tensors from ``engine.get_per_tensor_param_shard()`` (one rank)."""
-        shards = self._export()
-        probe = build_proxy(module, {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in shards.items()})
-        from compass_monitor.selection import select_parameters
-
-        self.names = [spec.name for spec, _ in select_parameters(probe, config)]
-        proxy = build_proxy(module, {n: shards[n] for n in self.names})
-        del shards
-        monitor = create_or_resume(proxy, run_dir, config=config, run_name=None, metadata=metadata, state=resume)
-        self._params = dict(proxy.named_parameters())
-        return monitor
-
-    def _export(self, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
-        generator, _ = self.engine.get_per_tensor_param_shard()
-        return whole_local_tensors(generator, wanted=wanted)
+    @property
+    def monitor(self) -> CompassMonitor | None:
+        return self.core.monitor
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        monitor = self.monitor
-        if not monitor.enabled:
-            return
-        if self._params and (monitor.step + 1) % self.every == 0:  # the export path: read fresh weights first
-            try:
-                fresh = self._export(set(self.names))
-                for name, param in self._params.items():
-                    param.data = fresh[name]
-            except Exception as exc:  # never take training down
-                log.error("compass-monitor: cannot read the actor's weights (%s); monitor off for this run", exc)
-                monitor.close()
-                return
-        monitor.on_optimizer_step()
+        if self.core.monitor is not None:
+            self.core.monitor.on_optimizer_step()
 
     def new_scalars(self) -> dict[str, float]:
         """Scalars of a snapshot taken since the last call (``{}`` if none)."""
-        latest = self.monitor.latest_step
-        if latest is None or latest == self._reported:
-            return {}
-        self._reported = latest
-        return self.monitor.latest_scalars()
+        return self.core.new_scalars() or {}
 
-    def state(self) -> dict[str, Any]:
-        return monitor_state(self.monitor)
+    def state(self) -> dict[str, Any] | None:
+        return self.core.checkpoint_state()
 
     def close(self) -> None:
-        self.monitor.close()
+        self.core.finish()
 
 
 def _verl_version() -> str:
@@ -256,12 +126,6 @@ def _settings() -> tuple[str, MonitorConfig, set[str]] | None:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 # -- patching TrainingWorker -------------------------------------------------------------
@@ -298,8 +162,10 @@ def patch_training_worker(cls: type) -> type:
         session = getattr(self, "_compass_session", None)
         if session and _rank() == 0 and local_path:
             try:
-                with open(os.path.join(local_path, STATE_FILE), "w", encoding="utf-8") as handle:
-                    json.dump(session.state(), handle)
+                state = session.state()
+                if state is not None:
+                    with open(os.path.join(local_path, STATE_FILE), "w", encoding="utf-8") as handle:
+                        json.dump(state, handle)
             except Exception as exc:  # noqa: BLE001
                 log.warning("compass-monitor: could not save its state with the checkpoint: %s", exc)
         return result
@@ -329,20 +195,7 @@ def _session(worker: Any) -> VerlSession | None:
         settings = _settings()
         if settings is not None and getattr(worker.config, "model_type", None) in settings[2]:
             run_dir, config, _ = settings
-            world = _world_size()
-            reads_module = os.environ.get(ENV_READ, "auto") == "module" or (
-                os.environ.get(ENV_READ, "auto") == "auto" and core_supports_sharding()
-            )
-            if world > 1 and not reads_module:
-                # Decided without any collective, the same way on every rank.
-                raise UnsupportedShardingError(
-                    f"compass-monitor cannot watch this verl actor: it trains on {world} ranks, which shard it "
-                    "(FSDP), and this compass-monitor core compares whole matrices on one process (it has no sharded "
-                    "support). Monitoring is off for this run."
-                )
             session = VerlSession(worker, run_dir=run_dir, config=config, resume=getattr(worker, "_compass_resume", None))
-    except UnsupportedShardingError as exc:
-        log.error("%s", exc)
     except Exception as exc:  # noqa: BLE001 - never take training down
         log.error("compass-monitor: not monitoring this verl run: %s: %s", type(exc).__name__, exc)
     worker._compass_session = session

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_lm import addition_prompts, tiny_llama, tiny_tokenizer  # noqa: E402
 
 from compass_monitor import MonitorConfig  # noqa: E402
-from compass_monitor.integrations.hf import UnsupportedShardingError, watch  # noqa: E402
+from compass_monitor.integrations.hf import watch  # noqa: E402
 
 
 def main(out: Path) -> None:
@@ -48,11 +48,8 @@ def main(out: Path) -> None:
     )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
     watch(trainer, out / "run", config=MonitorConfig(every_n_steps=2, principal_rank=4))
-    try:
-        trainer.train()
-        result = {"trained": trainer.state.log_history}
-    except UnsupportedShardingError as exc:
-        result = {"refused": str(exc)}
+    trainer.train()
+    result = {"trained": trainer.state.log_history}
     dist.destroy_process_group()
     print(json.dumps(result))
 

@@ -23,6 +23,7 @@ from compass_monitor import (
     open_run,
 )
 from compass_monitor.integrations.pytorch import watch
+from compass_monitor.store import StoreDamagedError
 
 
 def tree_digest(root: Path) -> str:
@@ -186,7 +187,7 @@ def test_reader_errors(tmp_path):
     with pytest.raises(SchemaVersionError, match="schema 99.*Upgrade compass-monitor"):
         open_run(tmp_path / "run")
     meta.write_text("{ broken")
-    with pytest.raises(NotARunError, match="cannot read"):
+    with pytest.raises(StoreDamagedError, match="zarr.json cannot be read"):  # damaged, not 'not a run'
         open_run(tmp_path / "run")
 
 

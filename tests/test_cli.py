@@ -78,7 +78,7 @@ def test_summary_fits_80_columns_with_many_module_types_and_spectral_rows(tmp_pa
     from compass_monitor.summary import summary_text
 
     torch.manual_seed(4)
-    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj", "fc1", "fc2", "lm_head"]
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj", "fc1", "fc2", "router", "lm_head"]  # gate_up_proj splits into gate and up
     model = nn.ModuleDict({name: nn.Linear(8, 8) for name in names})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     monitor = watch(model, optimizer, tmp_path / "run", config=MonitorConfig(every_n_steps=1, principal_rank=2, spectral_every=1, spectral_k=2),

@@ -18,11 +18,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from _tiny_lm import addition_prompts, tiny_llama, tiny_tokenizer  # noqa: E402
 from compass_monitor import MonitorConfig, open_run  # noqa: E402
 from compass_monitor.aggregates import by_module_type, everything_linear, group_stats, scalars  # noqa: E402
-from compass_monitor.integrations.hf import CompassTrainerCallback, UnsupportedShardingError, watch  # noqa: E402
-from compass_monitor.integrations._resume import core_supports_resume  # noqa: E402
-from compass_monitor.integrations._sharding import core_supports_sharding  # noqa: E402
+from compass_monitor.integrations.hf import CompassTrainerCallback, watch  # noqa: E402
 
-needs_resume = pytest.mark.skipif(not core_supports_resume(), reason="the core cannot continue a run store yet")
 CONFIG = MonitorConfig(every_n_steps=2, principal_rank=4)
 
 
@@ -139,19 +136,9 @@ def test_callback_in_trainer_arguments_and_skipped_steps(tmp_path):
     ]
 
 
-@pytest.mark.skipif(core_supports_sharding(), reason="this core monitors FSDP models")
-def test_refuses_fsdp_arguments(tmp_path):
-    tokenizer = tiny_tokenizer()
-    args = _args(tmp_path / "out", max_steps=1)
-    trainer = Trainer(model=tiny_llama(tokenizer), args=args, train_dataset=_lm_dataset(tokenizer, 8))
-    args.fsdp = "full_shard"  # what TrainingArguments(fsdp=...) leaves; building it for real needs a GPU
-    with pytest.raises(UnsupportedShardingError, match="FSDP.*no sharded support"):
-        watch(trainer, tmp_path / "run", config=CONFIG)
-
-
 def test_fsdp2_sharded_model(tmp_path):
-    """A model sharded with FSDP2 (DTensor parameters, CPU gloo group of one): monitored on every process when the
-    core has sharded support, refused before training starts otherwise. In its own process (tests/_hf_fsdp2_run.py)."""
+    """A model sharded with FSDP2 (DTensor parameters, CPU gloo group of one): monitored on every process.
+    In its own process (tests/_hf_fsdp2_run.py)."""
     import json
     import os
     import subprocess
@@ -163,10 +150,6 @@ def test_fsdp2_sharded_model(tmp_path):
     out = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    if not core_supports_sharding():
-        assert "FSDP2" in result["refused"]
-        assert not (tmp_path / "run").exists()
-        return
     assert open_run(tmp_path / "run").steps.tolist() == [2, 4]
     logged = _logged_scalars(result["trained"])
     for step, values in _store_scalars(tmp_path / "run").items():
@@ -251,7 +234,6 @@ class CrashAt(TrainerCallback):
             raise RuntimeError("simulated crash")
 
 
-@needs_resume
 def test_resume_from_checkpoint(tmp_path):
     """Crash at step 6 after a checkpoint at step 4; ``train(resume_from_checkpoint=...)`` continues the store."""
     tokenizer = tiny_tokenizer()
@@ -286,3 +268,67 @@ def test_resume_from_checkpoint(tmp_path):
     assert sorted(logged) == [2, 4, 6, 8]
     for step, values in _store_scalars(tmp_path / "run").items():
         assert [k for k, v in values.items() if not _same(logged[step][k], v)] == []
+
+
+def test_train_twice_continues_the_same_store(tmp_path):
+    """A second ``trainer.train()`` never raises into training (it used to: StoreExistsError); the store goes on
+    at the real optimizer step, measured against the first training's W0."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, seed=2)
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer = Trainer(model=model, args=_args(tmp_path / "out", max_steps=4), train_dataset=_lm_dataset(tokenizer))
+    callback = watch(trainer, tmp_path / "run", config=CONFIG)
+    trainer.train()
+    trainer.train()
+    assert callback.step == 8 and callback.monitor.step == 8
+    run = open_run(tmp_path / "run")
+    assert run.status == "finished"
+    assert run.steps.tolist() == [2, 4, 6, 8]
+    weights = dict(model.named_parameters())
+    for p in run.params:
+        direct = (weights[p.name].detach().to(torch.bfloat16) != initial[p.name].to(torch.bfloat16)).numpy()
+        np.testing.assert_array_equal(run.mask(p.name, -1), direct, err_msg=p.name)
+    # The second train() has its own TrainerState: it logs at its steps 2 and 4 the snapshots of steps 6 and 8.
+    logged, stored = _logged_scalars(trainer.state.log_history), _store_scalars(tmp_path / "run")
+    assert sorted(logged) == [2, 4]
+    for trainer_step, step in ((2, 6), (4, 8)):
+        assert [k for k, v in stored[step].items() if not _same(logged[trainer_step][k], v)] == []
+
+
+def test_restored_callback_states_keep_logging_to_tensorboard(tmp_path, monkeypatch, caplog):
+    """``restore_callback_states_from_checkpoint=True``: transformers rebuilds the callback from the checkpoint and
+    appends it after TensorBoard; it must stay attached, move to the front, and its scalars reach the TensorBoard
+    event files at every snapshot step after the resume."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tokenizer = tiny_tokenizer()
+    dataset = _lm_dataset(tokenizer)
+    args = _args(
+        tmp_path / "out", max_steps=8, save_strategy="steps", save_steps=4, report_to="tensorboard",
+        restore_callback_states_from_checkpoint=True,
+    )  # fmt: skip
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb_crashed"))
+    crashing = Trainer(model=tiny_llama(tokenizer, seed=4), args=args, train_dataset=dataset, callbacks=[CrashAt(6)])
+    watch(crashing, tmp_path / "run", config=CONFIG)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    crashing.callback_handler.callbacks[0].monitor.flush()
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb_resumed"))
+    resumed = Trainer(model=tiny_llama(tokenizer, seed=5), args=args, train_dataset=dataset)
+    attached = watch(resumed, tmp_path / "run", config=CONFIG)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    live = resumed.callback_handler.callbacks[0]
+    assert isinstance(live, CompassTrainerCallback) and live is not attached  # transformers rebuilt it
+    assert live.step == 8 and live.monitor is not None and live.monitor.step == 8
+    assert "not to ['tensorboard']" not in caplog.text
+
+    run = open_run(tmp_path / "run")
+    assert run.steps.tolist() == [2, 4, 6, 8] and run.status == "finished"
+    stored = _store_scalars(tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "tb_resumed"), size_guidance={"scalars": 0})
+    events.Reload()
+    for key in ("all_linear/sparsity", "q/overlap_low", "down/flips"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"train/compass/{key}")]
+        assert logged == [(step, pytest.approx(stored[step][f"compass/{key}"], rel=1e-6, nan_ok=True)) for step in (6, 8)], key

@@ -18,11 +18,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from compass_monitor import MonitorConfig, open_run  # noqa: E402
 from compass_monitor.aggregates import by_module_type, everything_linear, group_stats, scalars  # noqa: E402
-from compass_monitor.integrations.lightning import CompassCallback, UnsupportedShardingError  # noqa: E402
-from compass_monitor.integrations._resume import core_supports_resume  # noqa: E402
-from compass_monitor.integrations._sharding import core_supports_sharding  # noqa: E402
-
-needs_resume = pytest.mark.skipif(not core_supports_resume(), reason="the core cannot continue a run store yet")
+from compass_monitor.integrations.lightning import CompassCallback  # noqa: E402
 CONFIG = MonitorConfig(every_n_steps=2, principal_rank=4)
 DISTRIBUTED_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -148,8 +144,7 @@ class FullyShardedBlock(TinyBlock):
 
 
 def test_model_parallel_strategy_fsdp2(tmp_path):
-    """ModelParallelStrategy (FSDP2, DTensor parameters) on a one-rank CPU gloo group: monitored on every rank
-    when the core has sharded support, refused before training otherwise."""
+    """ModelParallelStrategy (FSDP2, DTensor parameters) on a one-rank CPU gloo group: monitored on every rank."""
     import torch.distributed as dist
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -158,11 +153,6 @@ def test_model_parallel_strategy_fsdp2(tmp_path):
     trainer = _trainer(tmp_path, callback, max_steps=4, accumulate_grad_batches=2, strategy=strategy)
     environment = dict(os.environ)  # the strategy sets MASTER_ADDR, RANK, WORLD_SIZE, ... for this process
     try:
-        if not core_supports_sharding():
-            with pytest.raises(UnsupportedShardingError, match="ModelParallelStrategy.*sharded support"):
-                trainer.fit(FullyShardedBlock(), _loader())
-            assert not (tmp_path / "run").exists()
-            return
         model = FullyShardedBlock()
         trainer.fit(model, _loader())
         assert any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
@@ -197,7 +187,6 @@ def _changed_since(model: nn.Module, initial: dict[str, torch.Tensor], run) -> d
     }
 
 
-@needs_resume
 def test_resume_from_checkpoint_continues_the_run(tmp_path):
     """Crash at step 6 after a checkpoint at step 4; the resumed fit continues the same store against W0."""
     common = dict(max_steps=8, accumulate_grad_batches=2)  # 32 samples: 4 optimizer steps per epoch
@@ -240,7 +229,6 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
             assert logged[step][key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
 
 
-@pytest.mark.skipif(not core_supports_sharding(), reason="the core has no sharded support")
 def test_model_parallel_strategy_two_ranks(tmp_path):
     """Two CPU ranks under ModelParallelStrategy (FSDP2 Shard(0)): a monitor on each rank, one store from rank 0,
     whose masks are those of the whole matrices."""
@@ -260,3 +248,25 @@ def test_model_parallel_strategy_two_ranks(tmp_path):
     assert run.status == "finished"
     assert [p.shape for p in run.params] == [(12, 12), (24, 12), (12, 24)]  # the global shapes
     _assert_logged_equal_store(_logged(tmp_path / "logs" / "version_0" / "metrics.csv"), tmp_path / "run")
+
+
+def test_fit_twice_continues_the_same_store(tmp_path, caplog):
+    """A second ``fit()`` with the same callback (a new Trainer, then the finished one again) never raises into
+    training; it continues the store at the real optimizer step (4: the weights took 4 steps from W0)."""
+    torch.manual_seed(0)
+    model = TinyBlock()
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    callback = CompassCallback(tmp_path / "run", config=CONFIG)
+    _trainer(tmp_path, callback, max_steps=4).fit(model, _loader())
+    second = _trainer(tmp_path, callback, max_steps=4, version=1)
+    second.fit(model, _loader())
+    assert callback.monitor.step == 8
+    second.fit(model, _loader())  # max_steps already reached: no step, no error
+    assert "not monitored" not in caplog.text
+    run = open_run(tmp_path / "run")
+    assert run.status == "finished"
+    assert run.steps.tolist() == [2, 4, 6, 8]
+    direct = _changed_since(model, initial, run)  # measured against the first fit's W0
+    for p in run.params:
+        np.testing.assert_array_equal(run.mask(p.name, -1), direct[p.name], err_msg=p.name)
+    assert sorted(_logged(tmp_path / "logs" / "version_1" / "metrics.csv")) == [6, 8]

@@ -134,4 +134,19 @@ def reading(run) -> str:
             else f"{observed - null:+.3f} away from the precision null: more than the bf16 lens explains"
         )
         lines.append(f"  overlap with {label} weights {observed:.3f} vs random {rand:.3f}, null {null:.3f}: {verdict}.")
+    lines.append(_base_case_line(run.base_class_attributes))
     return "\n".join(lines)
+
+
+def _base_case_line(attributes: dict) -> str:
+    """Which base the null was computed for (the store records it with the class counts)."""
+    case = attributes.get("case")
+    if case == "off-grid":
+        return (
+            f"  The base is off the bf16 grid ({attributes.get('on_grid_fraction', 0.0):.2%} of W0 on it: the fp32 "
+            "checkpoint as shipped); the null counts where each weight sits in its bf16 cell."
+        )
+    if case == "on-grid":
+        return "  The base is on the bf16 grid (a bf16 checkpoint, as released LLMs and typical RL masters start)."
+    return "  (This store predates the base case record; its null assumes a base on the bf16 grid.)"
+

@@ -32,7 +32,7 @@ def _pair_range(m: np.ndarray) -> tuple[float, float]:
 def jaccard_figure(stats: CrossRunStats) -> tuple[Figure, str]:
     """Mean pairwise Jaccard per group beside the independent baseline (pair range as whiskers), and the
     pairwise Jaccard matrix of all linear matrices (Fig. 8)."""
-    groups = ordered_groups(stats)
+    groups = [g for g in ordered_groups(stats) if np.isfinite(g.mean_jaccard)]  # no changed weight: undefined, left out
     fig = new_figure(12.0, 4.0)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.8, 1]})
     x = np.arange(len(groups))

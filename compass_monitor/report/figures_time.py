@@ -115,7 +115,8 @@ def overlap_figure(runs: Sequence[tuple[str, OverlapSeries]]) -> tuple[Figure, s
     axes[0].legend(loc="best", fontsize=7)
     label, first = runs[0]
     ax = axes[3]
-    types = list(first.final_by_type)
+    # Types with no changed weight (overlaps undefined) are left out rather than drawn as empty slots.
+    types = [t for t, v in first.final_by_type.items() if any(math.isfinite(v[m][0]) for m in REFERENCE_MASKS)]
     x = np.arange(len(types))
     width = 0.26
     for j, mask in enumerate(REFERENCE_MASKS):
@@ -127,8 +128,9 @@ def overlap_figure(runs: Sequence[tuple[str, OverlapSeries]]) -> tuple[Figure, s
         ax.scatter(pos, rnd, marker="_", s=80, color="black", zorder=3, label="random baseline" if j == 0 else None)
         ax.scatter(pos, nul, marker="D", s=14, color="white", edgecolors="black", zorder=4, label="precision null" if j == 0 else None)
     ax.set_xticks(x, types)
-    ax.set(title=f"{label} at step {int(first.steps[-1])}, per module type", ylabel="|X∩M| / |M|", ylim=(0, 1))
-    ax.legend(loc="upper right", fontsize=7, ncols=2)
+    ax.set(title=f"{label} at step {int(first.steps[-1])}, per module type", ylabel="|X∩M| / |M|", ylim=(0, 1.32))
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.legend(loc="upper center", fontsize=7, ncols=2)  # above the bars (y > 1), covering none
     parts = []
     for mask in REFERENCE_MASKS:
         obs, rnd, nul = (float(v[mask][-1]) for v in (first.observed, first.random, first.null))

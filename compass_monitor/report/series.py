@@ -18,7 +18,7 @@ import numpy as np
 from ..aggregates import GroupStats, by_module_type, everything_linear, group_stats, ratio
 from ..store import ParamInfo, Run
 from ..store.schema import COLS_PREFIX, REFERENCE_MASKS, ROWS_PREFIX, SPECTRAL_FIELDS
-from ..tui.data import block_density, head_boundaries, head_dim_for, read_rows
+from ..tui.data import block_density, head_boundaries, head_dim_for
 
 __all__ = [
     "TYPE_ORDER",
@@ -137,7 +137,7 @@ class Profile:
 
 def _stored_row(run: Run, prefix: str, info: ParamInfo, t: int) -> np.ndarray:
     """One snapshot's row or column counts, read alone (not the matrix's whole series)."""
-    return read_rows(run.path, f"{prefix}/{info.id}", t, t + 1)[0].astype(np.int64)
+    return np.asarray(run.read_rows(f"{prefix}/{info.id}", t, t + 1))[0].astype(np.int64)
 
 
 def matrix_profiles(run: Run, info: ParamInfo, t: int, *, head_size: int | None = None) -> Profile:

@@ -37,6 +37,7 @@ __all__ = [
     "encode_frame",
     "decode_frame",
     "apply_frame",
+    "check_header",
     "set_positions",
     "rice_encode",
     "rice_decode",
@@ -176,6 +177,8 @@ def rice_decode(payload: np.ndarray, ones: int, k: int, split: int) -> np.ndarra
     """Inverse of :func:`rice_encode`: the ``ones`` sorted positions (int64)."""
     if ones == 0:
         return np.zeros(0, dtype=np.int64)
+    if not (0 < ones and 0 <= k <= 62 and 0 <= split <= payload.size and ones * k <= (payload.size - split) * 8):
+        raise ValueError(f"damaged Rice frame header: {ones} positions, k={k}, split={split} for a {payload.size}-byte payload")
     unary = np.unpackbits(payload[:split])
     ends = np.flatnonzero(unary == 0)[:ones]
     if ends.size != ones:
@@ -222,14 +225,32 @@ def encode_frame(packed: np.ndarray, numel: int, *, delta: bool) -> Frame:
     return Frame(encoding, ones, 0, 0, np.ascontiguousarray(packed, dtype=np.uint8))
 
 
-def decode_frame(header: np.ndarray | list[int], payload: np.ndarray, numel: int) -> np.ndarray:
-    """The packed bit vector a frame holds (the mask for a key frame, the XOR delta otherwise)."""
+def check_header(header: np.ndarray | list[int], numel: int) -> tuple[int, int, int, int]:
+    """The four fields of a frame header, checked against the matrix size.
+
+    Raises:
+        ValueError: unknown flags, or counts out of range (a damaged store).
+    """
     encoding, ones, k, split = (int(x) for x in header[:4])
+    if not (0 <= encoding <= DELTA | RICE | COMPLEMENT and 0 <= ones <= numel and 0 <= k <= 62 and 0 <= split <= (numel + 7) // 8):
+        raise ValueError(f"damaged frame header {[encoding, ones, k, split]} for a matrix of {numel} weights")
+    return encoding, ones, k, split
+
+
+def decode_frame(header: np.ndarray | list[int], payload: np.ndarray, numel: int) -> np.ndarray:
+    """The packed bit vector a frame holds (the mask for a key frame, the XOR delta otherwise).
+
+    Raises:
+        ValueError: a damaged header or payload.
+    """
+    encoding, ones, k, split = check_header(header, numel)
     nbytes = (numel + 7) // 8
     if not encoding & RICE:
         out = np.array(payload[:nbytes], dtype=np.uint8)
         if out.size < nbytes:  # an all-zero payload may be stored as nothing
             out = np.concatenate([out, np.zeros(nbytes - out.size, dtype=np.uint8)])
+        if ones and popcount(out) != ones:  # (schema 1 headers are all zero: nothing to check)
+            raise ValueError(f"damaged packed frame: {popcount(out)} bits set, its header says {ones}")
         return out
     positions = rice_decode(payload, ones, k, split)
     if positions.size and positions[-1] >= numel:
@@ -244,8 +265,12 @@ def decode_frame(header: np.ndarray | list[int], payload: np.ndarray, numel: int
 
 
 def apply_frame(previous: np.ndarray | None, header: np.ndarray | list[int], payload: np.ndarray, numel: int) -> np.ndarray:
-    """The packed mask after a frame: the frame itself if it is a key, else ``previous xor delta``."""
-    encoding, ones, k, split = (int(x) for x in header[:4])
+    """The packed mask after a frame: the frame itself if it is a key, else ``previous xor delta``.
+
+    Raises:
+        ValueError: a damaged header or payload, or a delta without a previous mask.
+    """
+    encoding, ones, k, split = check_header(header, numel)
     if not encoding & DELTA:
         return decode_frame(header, payload, numel)
     if previous is None:
@@ -268,6 +293,8 @@ def preview_edges(m: int, n: int, max_blocks: int) -> tuple[np.ndarray, np.ndarr
     ``(j * n) // bw``. Edges are int64 arrays of length bh + 1 and bw + 1.
     """
     bh, bw = min(max_blocks, m), min(max_blocks, n)
+    if bh == 0 or bw == 0:  # an empty matrix (e.g. Linear(0, 8)): no blocks along an empty axis
+        return (np.arange(bh + 1, dtype=np.int64) * (m // max(bh, 1)), np.arange(bw + 1, dtype=np.int64) * (n // max(bw, 1)))
     rows = (np.arange(bh + 1, dtype=np.int64) * m) // bh
     if n % 8 == 0 and n // 8 >= bw:
         cols = 8 * ((np.arange(bw + 1, dtype=np.int64) * (n // 8)) // bw)
@@ -279,6 +306,8 @@ def preview_edges(m: int, n: int, max_blocks: int) -> tuple[np.ndarray, np.ndarr
 def preview_counts(packed: np.ndarray, shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Set bits per block (bh, bw) int32 of a packed (m, n) mask, for the given edges."""
     m, n = shape
+    if m == 0 or n == 0:
+        return np.zeros((rows.size - 1, cols.size - 1), dtype=np.int32)
     if n % 8 == 0 and np.all(cols % 8 == 0):
         per_byte = np.bitwise_count(packed[: m * n // 8].reshape(m, n // 8))
         by_col = np.add.reduceat(per_byte, cols[:-1] // 8, axis=1, dtype=np.int32)

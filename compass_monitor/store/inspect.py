@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
+from .integrity import verify_run
+from .lock import lock_owner
 from .reader import Run, open_run
 
 __all__ = ["inspect_text", "store_sizes", "GroupSize"]
@@ -121,9 +123,40 @@ def _history_line(event: dict[str, Any]) -> str:
     return text
 
 
-def inspect_text(path: str | os.PathLike[str]) -> str:
-    """A readable report of the store at ``path``."""
+def _selection_lines(facts: dict[str, Any]) -> list[str]:
+    """What the selection left out and why (the store attribute ``selection``, written by the monitor)."""
+    out = []
+    frozen = facts.get("frozen") or []
+    if frozen:
+        kept = " (monitored: include_frozen)" if facts.get("frozen_included") else " (not monitored)"
+        shown = ", ".join(f"{e.get('name')}: {e.get('reason')}" for e in frozen[:4]) + (", ..." if len(frozen) > 4 else "")
+        out.append(f"  frozen: {len(frozen)} matrices{kept}: {shown}")
+    unknown = facts.get("unknown_module_types") or []
+    if unknown:
+        out.append(f"  typed 'other' (no known module type): {', '.join(unknown[:4])}" + (", ..." if len(unknown) > 4 else ""))
+    for note in facts.get("notes") or []:
+        out.append(f"  note: {note}")
+    return out
+
+
+def inspect_text(path: str | os.PathLike[str], *, verify: bool = True) -> str:
+    """A readable report of the store at ``path``.
+
+    Args:
+        verify: decode every committed snapshot and check it (``integrity.verify_run``) first.
+
+    Raises:
+        StoreDamagedError: the store is damaged (the first problem, and how many were found).
+    """
     run = open_run(path)
+    checked = ""
+    if verify:
+        problems = verify_run(run)
+        if problems:
+            more = f" ({len(problems)} problems found{', at least' if len(problems) >= 20 else ''}; the first is shown)" if len(problems) > 1 else ""
+            raise schema.StoreDamagedError(problems[0] + more)
+        checked = f"sound: {run.num_snapshots} snapshot(s) x {len(run.params)} matrices decoded and checked against their counts"
+        run = open_run(path)  # fresh caches for the report
     commit = run.commit
     lines = []
     info = run.attrs.get("run", {})
@@ -153,6 +186,7 @@ def inspect_text(path: str | os.PathLike[str]) -> str:
         lines.append("  snapshots: none committed yet")
     numel = sum(p.numel for p in run.params)
     lines.append(f"  matrices: {len(run.params)} ({numel / 1e6:.2f}M weights); base W0 codes stored: {'yes' if commit.get('base_weights') else 'no'}")
+    lines.extend(_selection_lines(run.attrs.get("selection") or {}))
     gaps = run.gaps
     if gaps:
         skipped = sum(g[2] for g in gaps)
@@ -192,6 +226,10 @@ def inspect_text(path: str | os.PathLike[str]) -> str:
             f"  per snapshot: masks {_human(masks / t)} ({8 * masks / t / max(numel, 1):.3f} bits/weight), "
             f"with previews, profiles and metrics {_human(per_snapshot / t)}"
         )
+    lines.append(f"  integrity: {checked or 'not verified (--no-verify)'}")
+    owner = lock_owner(run.path)
+    if owner:
+        lines.append(f"  writer lock: last taken by pid {owner.get('pid')} on {owner.get('host')} ({owner.get('purpose', '?')})")
     if leftovers:
         lines.append(f"  {leftovers} temporary file(s) left by interrupted writes (harmless; never read)")
     return "\n".join(lines)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,11 @@ import zarr
 
 from ..matrix_spec import MatrixSpec
 from . import codec, schema
+from .chunks import ChunkReader
 from .commit import liveness, read_commit, writer_alive
+from .integrity import check_array_shape, check_params, expected_shape
 
-__all__ = ["ParamInfo", "Run", "open_run", "reconstruct_packed"]
+__all__ = ["ParamInfo", "Run", "open_run"]
 
 _PROFILE_CACHE = 64  # per-matrix series (rows, cols, previews) kept in memory
 
@@ -44,7 +45,8 @@ def _open_group(root: Path) -> tuple[zarr.Group, dict[str, Any]]:
         group = zarr.open_group(store=str(root), mode="r")
         attrs = dict(group.attrs)
     except Exception as exc:  # zarr raises several types for damaged metadata
-        raise schema.NotARunError(f"{root}: cannot read the store's metadata ({exc})") from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        raise schema.StoreDamagedError(f"{root / 'zarr.json'} cannot be read ({reason}); the store is damaged") from exc
     if attrs.get("format") != schema.FORMAT_NAME:
         raise schema.NotARunError(f"{root} is a Zarr group but not a compass-monitor run (format={attrs.get('format')!r})")
     version = attrs.get("schema_version")
@@ -56,36 +58,43 @@ def _open_group(root: Path) -> tuple[zarr.Group, dict[str, Any]]:
     return group, attrs
 
 
-def open_run(path: str | os.PathLike[str]) -> "Run":
+def open_run(path: str | os.PathLike[str], *, check: bool = True) -> "Run":
     """Open a run store for reading (also while a writer is appending to it).
+
+    Checks the root attributes, the commit file, and (``check``) that every
+    array holds the committed snapshots and every chunk file they need exists
+    (one directory listing per array). Chunk contents are checked as they are
+    read; ``integrity.verify_run`` checks all of them.
 
     Raises:
         NotARunError: no run store at ``path``.
         SchemaVersionError: the store was written by a newer compass-monitor.
+        StoreDamagedError: damaged metadata or commit file, a missing chunk, arrays shorter than the commit.
     """
     root = Path(path)
     group, attrs = _open_group(root)
-    return Run(root, group, attrs)
+    run = Run(root, group, attrs)
+    if check:
+        run.check_chunks_present()
+    return run
 
 
 def _segment_start(encodings: np.ndarray, t: int) -> int:
     """Index of the key frame that snapshot t's mask starts from (the last key at or before t)."""
     keys = np.flatnonzero((encodings[: t + 1] & codec.DELTA) == 0)
     if keys.size == 0:
-        raise ValueError(f"no key frame at or before snapshot {t}: the store is damaged")
+        raise schema.StoreDamagedError(f"no key frame at or before snapshot {t} in {schema.FRAMES}: the store is damaged")
     return int(keys[-1])
 
 
-def reconstruct_packed(frames: Any, changed: Any, p: int, t: int, numel: int) -> np.ndarray:
-    """Packed mask of matrix p at snapshot t from the frame arrays (key frame + deltas)."""
-    headers = np.asarray(frames[: t + 1, p])
-    start = _segment_start(headers[:, 0], t)
-    payloads = changed[start : t + 1]
-    packed = None
-    for j in range(start, t + 1):
-        packed = codec.apply_frame(packed, headers[j], payloads[j - start], numel)
-    assert packed is not None
-    return packed
+class _Rows:
+    """``rows[j]``: row j of a checked chunk reader (the frame loops index payloads one by one)."""
+
+    def __init__(self, reader: ChunkReader) -> None:
+        self._reader = reader
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        return self._reader.read(j, j + 1)[0]
 
 
 class Run:
@@ -95,16 +104,18 @@ class Run:
         self.path = path
         self._group = group
         self.attrs = attrs
-        self.params = [
-            MatrixSpec.from_record(i, p)
-            for i, p in enumerate(attrs["params"])
-        ]
+        check_params(path, attrs.get("params"))  # types and sizes, before anything is sized from them
+        self.params = [MatrixSpec.from_record(i, p) for i, p in enumerate(attrs["params"])]
         self._by_name = {p.name: p for p in self.params}
+        self._shapes = {p.id: p.shape for p in self.params}
+        #: Stores that wrote every chunk (and checksum them): a missing chunk is damage, not fill value.
+        self._strict = bool((attrs.get("storage") or {}).get("complete_chunks", False))
         self.commit = self._read_commit()
         self._reset_caches()
 
     def _reset_caches(self) -> None:
         self._arrays: dict[str, zarr.Array | None] = {}
+        self._readers: dict[str, ChunkReader] = {}
         self._series: dict[str, np.ndarray] = {}
         self._profiles: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._mask_cache: dict[int, tuple[int, np.ndarray]] = {}
@@ -190,30 +201,53 @@ class Run:
 
     # -- arrays --------------------------------------------------------------
     def _array(self, path: str, *, rows: int = 0) -> zarr.Array | None:
-        """An open array handle with at least ``rows`` rows (reopened when a writer grew it); None if absent."""
+        """An open array handle with at least ``rows`` rows (reopened when a writer grew it); None if absent.
+
+        Raises:
+            StoreDamagedError: its metadata cannot be read, its shape disagrees with the store's
+                matrices, or it holds fewer than ``rows`` rows.
+        """
         array = self._arrays.get(path)
         if array is None or array.shape[0] < rows:
             try:
-                array = self._group[path]
-            except KeyError:
-                array = None
-            if array is not None and array.shape[0] < rows:
-                array = zarr.open_array(store=str(self.path), path=path, mode="r")
+                try:
+                    array = self._group[path]
+                except KeyError:
+                    array = None
+                if array is not None and array.shape[0] < rows:
+                    array = zarr.open_array(store=str(self.path), path=path, mode="r")
+            except schema.StoreError:
+                raise
+            except Exception as exc:  # zarr raises several types for damaged metadata
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+                raise schema.StoreDamagedError(f"{self.path / path / 'zarr.json'} cannot be read ({reason}); the store is damaged") from exc
+            if array is not None:
+                check_array_shape(self.path, path, tuple(array.shape), expected_shape(path, self._shapes, len(self.params)), rows)
+                self._readers.pop(path, None)
             self._arrays[path] = array
         return array
+
+    def _reader(self, path: str, *, rows: int = 0, unit: str = "snapshot") -> ChunkReader | None:
+        """A checked chunk reader of an array with at least ``rows`` rows (None if the array is absent)."""
+        array = self._array(path, rows=rows)
+        if array is None:
+            return None
+        reader = self._readers.get(path)
+        if reader is None or reader.array is not array:
+            reader = self._readers[path] = ChunkReader(self.path, array, strict=self._strict, unit=unit)
+        return reader
 
     def _read_series(self, path: str, cached: np.ndarray | None) -> np.ndarray | None:
         """The first T rows of a time-indexed array, reading only rows not yet cached."""
         t = self.num_snapshots
         if cached is not None and cached.shape[0] == t:
             return cached
-        array = self._array(path, rows=t)
-        if array is None:
+        reader = self._reader(path, rows=t)
+        if reader is None:
             return None
         if cached is not None and cached.shape[0] < t:
-            fresh = np.asarray(array[cached.shape[0] : t])
-            return np.concatenate([cached, fresh])
-        return np.asarray(array[:t])
+            return np.concatenate([cached, reader.read(cached.shape[0], t)])
+        return reader.read(0, t)
 
     def _series_of(self, path: str) -> np.ndarray | None:
         value = self._read_series(path, self._series.get(path))
@@ -292,13 +326,19 @@ class Run:
         """Precision-null overlaps (T, P, 3) in the order of ``schema.REFERENCE_MASKS``."""
         return self._series_of(schema.NULL_OVERLAP)
 
+    def _whole(self, path: str) -> np.ndarray:
+        reader = self._reader(path, unit="row")
+        if reader is None:
+            raise schema.StoreDamagedError(f"{self.path / path} is missing (the base was not written, or the store is damaged)")
+        return reader.read(0, reader.shape[0])
+
     @property
     def base_fingerprint(self) -> np.ndarray:
-        return np.asarray(self._group[schema.BASE_FINGERPRINT][...])
+        return self._whole(schema.BASE_FINGERPRINT)
 
     @property
     def base_class_counts(self) -> np.ndarray:
-        return np.asarray(self._group[schema.BASE_CLASS_COUNTS][...])
+        return self._whole(schema.BASE_CLASS_COUNTS)
 
     @property
     def base_class_attributes(self) -> dict[str, Any]:
@@ -306,12 +346,15 @@ class Run:
         return dict(self._group[schema.BASE_CLASS_COUNTS].attrs)
 
     def base_codes(self, param: str | int | ParamInfo) -> np.ndarray | None:
-        """Canonical bf16 codes of W0 (m, n) int16, or None if the run did not store them."""
+        """Canonical bf16 codes of W0 (m, n) int16, or None if the run did not store them.
+
+        Raises:
+            StoreDamagedError: the commit says they are stored, and a chunk is missing or corrupt.
+        """
         info = self.param(param)
         if not self.commit.get("base_weights", False):
             return None
-        array = self._array(f"{schema.BASE_WEIGHTS_PREFIX}/{info.id}")
-        return None if array is None else np.asarray(array[...])
+        return self._whole(f"{schema.BASE_WEIGHTS_PREFIX}/{info.id}")
 
     # -- masks and profiles --------------------------------------------------
     def _check_snapshot(self, snapshot: int) -> int:
@@ -323,40 +366,69 @@ class Run:
     def frames(self) -> np.ndarray:
         """Frame headers (T, P, 4) in the order of ``schema.FRAME_FIELDS`` (all zeros for schema 1: packed keys)."""
         value = self._series_of(schema.FRAMES)
-        t = self.num_snapshots
-        if value is None or value.shape[0] < t:  # rows never written read as packed key frames
-            full = np.zeros((t, len(self.params), len(schema.FRAME_FIELDS)), dtype=np.int64)
-            if value is not None:
-                full[: value.shape[0]] = value
-            value = full
+        if value is None:  # schema 1: every mask a packed key frame
+            t = self.steps.shape[0]  # (checks the commit's count against the arrays first)
+            value = self._series[schema.FRAMES] = np.zeros((t, len(self.params), len(schema.FRAME_FIELDS)), dtype=np.int64)
         return value
+
+    def _rows_upto(self, path: str, rows: int) -> np.ndarray:
+        """At least the first ``rows`` rows of a run-level series: the cached series, or just those rows
+        (a mask needs the headers up to its snapshot only)."""
+        cached = self._series.get(path)
+        if cached is not None and cached.shape[0] >= rows:
+            return cached
+        if path == schema.FRAMES and self._array(path) is None:
+            return self.frames()  # schema 1: all packed key frames
+        if rows >= self.num_snapshots:
+            series = self._series_of(path)  # cached for the next call
+            if series is not None:
+                return series
+        reader = self._reader(path, rows=rows)
+        if reader is None:
+            raise schema.StoreDamagedError(f"{self.path / path} is missing (the store is damaged)")
+        return reader.read(0, rows)
 
     def packed_mask(self, param: str | int | ParamInfo, snapshot: int) -> np.ndarray:
         """Changed mask of ``param`` at a snapshot, bit-packed (``np.packbits`` of the flat mask)."""
         info = self.param(param)
         t = self._check_snapshot(snapshot)
-        headers = self.frames()[:, info.index]
+        headers = self._rows_upto(schema.FRAMES, t + 1)[:, info.index]
         encodings = headers[:, 0]
         start = _segment_start(encodings, t)
-        changed = self._array(f"{schema.CHANGED_PREFIX}/{info.id}", rows=t + 1)
+        reader = self._reader(f"{schema.CHANGED_PREFIX}/{info.id}", rows=t + 1)
+        if reader is None:
+            raise schema.StoreDamagedError(f"{self.path / schema.CHANGED_PREFIX / info.id} is missing (the store is damaged)")
+        changed = _Rows(reader)
         cached = self._mask_cache.get(info.index)
         packed: np.ndarray | None = None
-        if cached is not None:
-            ct, cpacked = cached
-            same_segment = ct < len(encodings) and _segment_start(encodings, ct) == start
-            if same_segment and ct <= t:  # forwards from the cache: apply deltas ct+1..t
-                packed = cpacked
-                for j in range(ct + 1, t + 1):
-                    packed = codec.apply_frame(packed, headers[j], changed[j], info.numel)
-            elif same_segment:  # backwards: M_{j-1} = M_j xor D_j
-                packed = cpacked
-                for j in range(ct, t, -1):
-                    packed = codec.apply_frame(packed, headers[j], changed[j], info.numel)
-        if packed is None:
-            payloads = changed[start : t + 1]
-            for j in range(start, t + 1):
-                packed = codec.apply_frame(packed, headers[j], payloads[j - start], info.numel)
+        try:
+            if cached is not None:
+                ct, cpacked = cached
+                same_segment = ct < len(encodings) and _segment_start(encodings, ct) == start
+                if same_segment and ct <= t:  # forwards from the cache: apply deltas ct+1..t
+                    packed = cpacked
+                    for j in range(ct + 1, t + 1):
+                        packed = codec.apply_frame(packed, headers[j], changed[j], info.numel)
+                elif same_segment:  # backwards: M_{j-1} = M_j xor D_j
+                    packed = cpacked
+                    for j in range(ct, t, -1):
+                        packed = codec.apply_frame(packed, headers[j], changed[j], info.numel)
+            if packed is None:
+                payloads = reader.read(start, t + 1)
+                for j in range(start, t + 1):
+                    packed = codec.apply_frame(packed, headers[j], payloads[j - start], info.numel)
+        except ValueError as exc:  # a frame that does not decode (its chunk decompressed, its content is wrong)
+            raise schema.StoreDamagedError(
+                f"{self.path / schema.CHANGED_PREFIX / info.id}: snapshot {t} of {info.name!r} does not decode ({exc}); the store is damaged"
+            ) from exc
         assert packed is not None
+        ones = int(np.bitwise_count(packed).sum(dtype=np.int64))
+        counted = int(self._rows_upto(schema.COUNTS, t + 1)[t, info.index, 0])
+        if ones != counted:
+            raise schema.StoreDamagedError(
+                f"{self.path}: snapshot {t} (step {int(self.steps[t])}) of {info.name!r}: the mask decodes to {ones} changed "
+                f"weights, the stored count says {counted}; the store is damaged"
+            )
         self._mask_cache[info.index] = (t, packed)
         return packed.copy()
 
@@ -370,7 +442,10 @@ class Run:
         """``principal``, ``low`` or ``principal_not_low`` mask (m, n) bool."""
         info = self.param(param)
         row = schema.REFERENCE_MASKS.index(which)
-        packed = self._group[f"{schema.REFERENCE_PREFIX}/{info.id}"][row]
+        reader = self._reader(f"{schema.REFERENCE_PREFIX}/{info.id}", unit="row")
+        if reader is None:
+            raise schema.StoreDamagedError(f"{self.path / schema.REFERENCE_PREFIX / info.id} is missing (the store is damaged)")
+        packed = reader.read(row, row + 1)[0]
         return np.unpackbits(packed, count=info.numel).astype(bool).reshape(info.shape)
 
     def row_counts(self, param: str | int | ParamInfo) -> np.ndarray:
@@ -398,17 +473,58 @@ class Run:
         """Changed weights per preview block (bh, bw) int32 at a snapshot."""
         info = self.param(param)
         t = self._check_snapshot(snapshot)
-        array = self._array(f"{schema.PREVIEW_PREFIX}/{info.id}", rows=t + 1)
-        if array is None or array.shape[0] <= t:  # schema 1 stored no previews: derive from the mask
+        reader = self._reader(f"{schema.PREVIEW_PREFIX}/{info.id}", rows=t + 1)
+        if reader is None:  # schema 1 stored no previews: derive from the mask
             rows, cols = self.preview_edges(info)
             return codec.preview_counts(self.packed_mask(info, t), info.shape, rows, cols)
-        return np.asarray(array[t])
+        return reader.read(t, t + 1)[0]
 
     def preview(self, param: str | int | ParamInfo, snapshot: int) -> np.ndarray:
         """Density of changed weights per block (bh, bw) float64 at a snapshot (bh, bw <= 32)."""
         rows, cols = self.preview_edges(param)
         area = np.diff(rows)[:, None] * np.diff(cols)[None, :]
         return self.preview_counts(param, snapshot) / np.maximum(area, 1)
+
+    def time_arrays(self) -> list[str]:
+        """Paths of the store's time-indexed arrays present (run-level, then per matrix)."""
+        names = [schema.STEPS, schema.TIMES, schema.COUNTS, schema.NULL_OVERLAP, schema.FRAMES, schema.SPECTRAL]
+        names += [f"{prefix}/{p.id}" for p in self.params for prefix in (schema.CHANGED_PREFIX, schema.ROWS_PREFIX, schema.COLS_PREFIX, schema.PREVIEW_PREFIX)]
+        return [name for name in names if self._array(name) is not None]
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the time-indexed array ``name`` (checked; ``stop`` <= committed snapshots).
+
+        Raises:
+            StoreDamagedError: a chunk is missing or corrupt; IndexError: beyond the committed snapshots.
+        """
+        if not 0 <= start <= stop <= self.num_snapshots:
+            raise IndexError(f"rows {start}:{stop} of {name}: {self.num_snapshots} committed snapshots")
+        reader = self._reader(name, rows=stop)
+        if reader is None:
+            raise KeyError(f"no array {name!r} in {self.path}")
+        return reader.read(start, stop)
+
+    def check_chunks_present(self, snapshots: int | None = None) -> None:
+        """Raise unless every chunk of the first ``snapshots`` (default: all committed) exists, in every array.
+
+        Raises:
+            StoreDamagedError: the commit covers more rows than an array holds, or a chunk file is missing.
+        """
+        t = self.num_snapshots if snapshots is None else snapshots
+        for name in self.time_arrays():
+            reader = self._reader(name, rows=t)
+            assert reader is not None
+            reader.check_present(t)
+        if not self.num_snapshots:
+            return  # the base may not be written yet
+        static = [schema.BASE_FINGERPRINT, schema.BASE_CLASS_COUNTS] + [f"{schema.REFERENCE_PREFIX}/{p.id}" for p in self.params]
+        if self.commit.get("base_weights", False):
+            static += [f"{schema.BASE_WEIGHTS_PREFIX}/{p.id}" for p in self.params]
+        for name in static:
+            reader = self._reader(name, unit="row")
+            if reader is None:
+                raise schema.StoreDamagedError(f"{self.path / name} is missing (the store is damaged)")
+            reader.check_present(reader.shape[0])
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r}, params={len(self.params)}, snapshots={self.num_snapshots})"

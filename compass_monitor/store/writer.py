@@ -37,13 +37,17 @@ from ..matrix_spec import MatrixSpec
 from . import codec, schema
 from .commit import read_commit, write_commit, write_json_atomic, writer_identity
 from .lock import WriterLock, locked_by_another
+from .reader import open_run
 from .row_chunks import RowChunks
 
 __all__ = ["RunWriter", "SnapshotRecord", "check_target_free", "check_no_symlinks", "DEFAULT_KEY_INTERVAL"]
 
 log = logging.getLogger(__name__)
 
-_ZSTD = ZstdCodec(level=1)
+# The zstd frame checksum makes every chunk check itself on read (``chunks``).
+_ZSTD = ZstdCodec(level=1, checksum=True)
+# Every chunk is written, also one equal to the fill value: a missing chunk is then damage.
+_COMPLETE = {"write_empty_chunks": True}
 _INITIAL_CAPACITY = 16  # rows allocated up front; growth doubles (trimming at finalize and resume deletes chunk keys one by one)
 #: Default distance between key frames (snapshots); see ``MonitorConfig.key_interval``.
 DEFAULT_KEY_INTERVAL = 32
@@ -261,7 +265,7 @@ class RunWriter:
 
     @classmethod
     def _create_locked(
-        cls, root: Path, lock: WriterLock, params: list[_Param], attributes: dict[str, Any], key_interval: int
+        cls, root: Path, lock: WriterLock, params: list[MatrixSpec], attributes: dict[str, Any], key_interval: int
     ) -> "RunWriter":
         # All attributes in the group's first metadata write: zarr's ``attrs.update``
         # rewrites zarr.json once per key, and a reader polling a run being created
@@ -270,7 +274,7 @@ class RunWriter:
             "format": schema.FORMAT_NAME,
             "schema_version": schema.SCHEMA_VERSION,
             "params": [{**p.to_record(), "id": schema.param_id(i)} for i, p in enumerate(params)],
-            "storage": {"key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS},
+            "storage": {"key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS, "complete_chunks": True},
             **attributes,
         }
         # (not ``open_group(mode="w-")``, which refuses a folder holding anything: the lock file)
@@ -361,12 +365,18 @@ class RunWriter:
         """Store what is computed once from W0: fingerprints, precision-null classes (with
         ``class_attributes``, their layout and case, as the array's attributes), reference masks,
         and (if given) the canonical bf16 codes of W0 itself (int16, needed to resume)."""
-        self._group.create_array(schema.BASE_FINGERPRINT, data=np.asarray(fingerprints, dtype=np.int64), compressors=_ZSTD, overwrite=True)
-        classes = self._group.create_array(schema.BASE_CLASS_COUNTS, data=np.asarray(class_counts, dtype=np.int64), compressors=_ZSTD, overwrite=True)
-        if class_attributes:
-            classes.attrs.update(class_attributes)
+        self._check_owner()
+        for name, value in ((schema.BASE_FINGERPRINT, fingerprints), (schema.BASE_CLASS_COUNTS, class_counts)):
+            value = np.asarray(value, dtype=np.int64)
+            array = self._group.create_array(
+                name, data=value, compressors=_ZSTD, overwrite=True, config=_COMPLETE
+            )
+            if name == schema.BASE_CLASS_COUNTS and class_attributes:
+                array.attrs.update(class_attributes)
         for array, packed in zip(self._reference, reference_packed):
-            array[...] = packed
+            rows = RowChunks(array)  # every row written (zarr skips a chunk equal to the fill value)
+            for j, mask in enumerate(np.asarray(packed, dtype=np.uint8).reshape(array.shape)):
+                rows.write(j, mask)
         if base_codes is not None:
             for i, ((m, n), codes) in enumerate(zip(self._shapes, base_codes)):
                 rows = max(1, min(m, _BASE_CHUNK_VALUES // max(n, 1)))
@@ -378,6 +388,7 @@ class RunWriter:
                     compressors=_ZSTD,
                     fill_value=0,
                     overwrite=True,
+                    config=_COMPLETE,
                 )
                 array[...] = np.asarray(codes, dtype=np.int16).reshape(m, n)
             self._base_weights = True
@@ -456,12 +467,22 @@ class RunWriter:
         Records ``event`` (with the number dropped) in the commit history, marks the
         run ``running`` again, and loads the kept last snapshot's masks as the base of
         the next delta frames.
+
+        Raises:
+            StoreDamagedError: a chunk of a kept snapshot is missing, or the kept last masks do not
+                decode or disagree with their counts (nothing is changed).
         """
         if not 0 <= keep <= self._count:
             raise ValueError(f"cannot keep {keep} of {self._count} committed snapshots")
         self._check_owner()
-        from .reader import reconstruct_packed  # late: reader imports this module's helpers
-
+        # Read (checked) before anything changes: a damaged store is refused untouched.
+        run = open_run(self.path, check=False)
+        run.check_chunks_present(keep)
+        kept_masks = None
+        if keep:
+            for name in run.time_arrays():  # the kept last row of every array decodes
+                run.read_rows(name, keep - 1, keep)
+            kept_masks = [run.packed_mask(i, keep - 1) for i in range(len(self._shapes))]
         dropped = self._count - keep
         _drop_consolidated(self.path)
         steps = self._steps[:keep] if keep else np.zeros(0, dtype=np.int64)
@@ -481,9 +502,8 @@ class RunWriter:
         for rows in self._all_row_writers():
             rows.reset()  # a cached partly-filled chunk may hold dropped rows
         self._capacity = keep
-        if keep:
-            for i, (m, n) in enumerate(self._shapes):
-                self.previous_packed[i] = reconstruct_packed(self._frames, self._per_param[i][0], i, keep - 1, m * n)
+        if kept_masks is not None:
+            self.previous_packed = kept_masks
 
     # -- appending ----------------------------------------------------------------------
     def _all_row_writers(self) -> list[RowChunks]:

@@ -80,13 +80,6 @@ def discover_runs(path: Path, *, depth: int = 2) -> list[Path]:
     return found
 
 
-def read_rows(path: Path, name: str, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a time-indexed store array, read directly (documented layout, plain zarr)."""
-    import zarr
-
-    return np.asarray(zarr.open_array(store=str(path), path=name, mode="r", zarr_format=3)[start:stop])
-
-
 def read_commit(path: Path) -> dict[str, Any]:
     """The run's commit file, or an ``unknown`` status if it is missing or damaged (``store.commit``)."""
     return commit_protocol.read_commit(path, tolerant=True)
@@ -189,7 +182,7 @@ class RunView:
         partial = tail is not None and t > tail
         if partial:
             counts = np.full((t, len(run.params), len(COUNT_FIELDS)), np.nan)
-            counts[t - tail :] = read_rows(run.path, COUNTS, t - tail, t)
+            counts[t - tail :] = run.read_rows(COUNTS, t - tail, t)  # checked reads (store.chunks)
         else:
             counts = np.asarray(run.counts)
         return cls(

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from ..store import ParamInfo, open_run
 from ..store.schema import COMMIT_FILE, COUNT_FIELDS, COUNTS
@@ -200,7 +199,7 @@ class StatusReader:
             t = run.num_snapshots
             sparsity = float("nan")
             if t:
-                last = np.asarray(zarr.open_array(store=str(path), path=COUNTS, mode="r", zarr_format=3)[t - 1])
+                last = run.read_rows(COUNTS, t - 1, t)[0]
                 linear = [p.index for p in run.params if p.role == "linear"] or [p.index for p in run.params]
                 numel = sum(run.params[i].numel for i in linear)
                 sparsity = 1.0 - float(last[linear, COUNT_FIELDS.index("changed")].sum()) / numel
