@@ -153,7 +153,10 @@ def m_reference_masks(root: Path, args) -> dict:
 
     from compass_monitor.checkpoints import open_checkpoint
     from compass_monitor.principal import principal_mask
-    from compass_monitor.reference_masks import low_magnitude_mask
+    from compass_monitor.exact_selection import select_count, top_count_mask
+
+    def low_magnitude_mask(w0, alpha):  # as the probe selects it: top of -|W0|, exact count
+        return top_count_mask(-w0.abs(), select_count(w0.numel(), alpha))
 
     source = open_checkpoint(root / "base")
     names = [n for n in source.names() if n.endswith("proj.weight")]
