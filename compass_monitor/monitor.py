@@ -55,7 +55,7 @@ from .sinks import NullSink
 from .spectral_tracker import SpectralTracker
 from .store import schema
 from .store.async_writer import AsyncWriter
-from .store.writer import RunWriter, SnapshotRecord, check_target_free
+from .store.writer import RunWriter, SnapshotRecord, check_creatable
 
 __all__ = ["CompassMonitor", "SnapshotFailed"]
 
@@ -189,7 +189,7 @@ class CompassMonitor:
 
     # -- creation and resume ---------------------------------------------------------
     def _create(self, run_dir: str | os.PathLike[str], *, run_name: str | None, metadata: dict[str, Any] | None, model_class: str) -> None:
-        agree(self.comm, lambda: check_target_free(Path(run_dir)))  # fail before the base's cost
+        agree(self.comm, lambda: check_creatable(Path(run_dir)))  # fail before the base's cost, as create() would
         base = self.probe.capture_base(want_codes=self.config.store_base)
         self._class_counts = base.class_counts
         attributes = run_attributes(

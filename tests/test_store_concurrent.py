@@ -32,7 +32,7 @@ WRITER = textwrap.dedent(
                        reference_packed=[__import__("numpy").zeros((3, (m * n + 7) // 8), dtype="uint8") for m, n in [s.shape for s in specs()]])
     for t in range(len(stream)):
         assert writer.submit(record(t + 1, stream[t], stream[t - 1] if t else None))
-        time.sleep(0.02 if t % 10 else 0.1)
+        time.sleep(0.05 if t % 10 else 0.15)  # paced, so that a slow (loaded) reader still sees many states
     writer.close()
     """
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import logging
 import os
 import shutil
@@ -76,8 +77,24 @@ _CREATED_ENTRIES = frozenset(
 )
 
 
+#: zarr's LocalStore writes ``<name>.<uuid4 hex>.partial`` and renames it into place.
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
 def _is_temporary(name: str) -> bool:
-    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".partial"))
+    """A file some writer was about to rename into place (ours: ``.<name>.tmp``; zarr's: ``<name>.<hex>.partial``)."""
+    return (name.startswith(".") and (name.endswith(".tmp") or name.endswith(".partial"))) or bool(_ZARR_PARTIAL.search(name))
+
+
+def check_creatable(root: Path) -> None:
+    """What :meth:`RunWriter.create` checks before touching anything (reads only): the target is free,
+    or holds only an interrupted creation (which create clears).
+
+    Raises:
+        StoreExistsError, StoreLockedError: as :func:`check_target_free`.
+    """
+    if not (root.is_dir() and _interrupted_creation(root)):
+        check_target_free(root)
 
 
 def check_target_free(path: Path) -> None:
@@ -232,8 +249,7 @@ class RunWriter:
             StoreError: the store cannot be written (disk full, read-only, no permission).
         """
         root = Path(path)
-        if not (root.is_dir() and _interrupted_creation(root)):
-            check_target_free(root)  # early, before touching anything (reads only)
+        check_creatable(root)  # early, before touching anything (reads only)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
