@@ -35,12 +35,13 @@ class Comm:
     identity and nothing is called.
     """
 
-    def __init__(self, group: Any = None, *, device: torch.device | None = None) -> None:
+    def __init__(self, group: Any = None, *, device: torch.device | None = None, local: bool = False) -> None:
+        """``local``: this process alone, even in an initialized world (a model every rank holds whole)."""
         self.group = group
         try:
             import torch.distributed as dist
 
-            self._dist = dist if dist.is_available() and dist.is_initialized() else None
+            self._dist = dist if not local and dist.is_available() and dist.is_initialized() else None
         except ImportError:  # pragma: no cover
             self._dist = None
         if self._dist is None:

@@ -50,7 +50,7 @@ from .precision_null import class_attributes, null_overlaps
 from .probe import ShardProbe
 from .run_attributes import model_class_of, run_attributes
 from .resume import ResumePoint, agree, agreed_config, read_resume_point, restore_probe, rewind_point
-from .sharding import ShardLayout
+from .sharding import ShardLayout, sharding_kind
 from .sinks import NullSink
 from .spectral_tracker import SpectralTracker
 from .store import schema
@@ -118,7 +118,9 @@ class CompassMonitor:
         group: Any = None,
         optimizer: Any = None,
     ) -> None:
-        comm = Comm(group)
+        # A model none of whose parameters is sharded (one device, DDP, a replica) is this process's alone:
+        # no collective, even in an initialized world where only rank 0 creates a monitor.
+        comm = Comm(group, local=sharding_kind(model) == "plain")
         if resume:
             config = agreed_config(comm, run_dir, config)
         config = config or MonitorConfig()
@@ -144,7 +146,7 @@ class CompassMonitor:
         layout may present lazily loaded tensors (post-hoc checkpoints) or views of
         a model that discovery does not know. Take snapshots with :meth:`snapshot`.
         """
-        comm = Comm(layout.group)
+        comm = Comm(layout.group, local=layout.kind == "plain")
         if resume:
             config = agreed_config(comm, run_dir, config)
         config = config or MonitorConfig()
