@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 from ..config import MonitorConfig
-from ..selection import ParamSpec, SelectionError, layer_index_of, module_type_of
+from ..selection import ParamSpec, SelectionError, _role_enabled, layer_index_of, module_type_of
 from ..selection import _LM_HEAD_RE  # the live monitor's head pattern: one definition
 
 __all__ = ["role_of_tensor", "specs_from_shapes", "natural_key"]
@@ -56,16 +56,6 @@ def role_of_tensor(name: str, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def _enabled(role: str, config: MonitorConfig) -> bool:
-    return {
-        "linear": config.include_linear,
-        "embedding": config.include_embeddings,
-        "lm_head": config.include_lm_head,
-        "norm": config.include_norms,
-        "bias": config.include_biases,
-    }[role]
-
-
 def specs_from_shapes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], config: MonitorConfig, *, where: str = "checkpoint") -> list[ParamSpec]:
     """The monitored matrices of a checkpoint, as the live monitor would select them from the model.
 
@@ -87,7 +77,7 @@ def specs_from_shapes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]
         if role is None or dtypes.get(name) not in _FLOAT_DTYPES:
             continue
         found[role] = found.get(role, 0) + 1
-        if not _enabled(role, config) or (pattern and not pattern.search(name)):
+        if not _role_enabled(role, config) or (pattern and not pattern.search(name)):
             continue
         module = name.rpartition(".")[0]
         matrix = (int(shape[0]), int(shape[1])) if len(shape) == 2 else (1, int(shape[0]))
