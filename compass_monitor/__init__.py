@@ -20,6 +20,7 @@ from .matrix_spec import MatrixSpec
 
 if TYPE_CHECKING:
     from .store import NotARunError, ParamInfo, ResumeError, Run, SchemaVersionError, StoreDamagedError, StoreError, StoreExistsError, StoreLockedError, open_run
+    from .store.spectral_arrays import SpectralDetail
     from .monitor import CompassMonitor
     from .selection import ParamSpec, SelectionError
     from .sharding import LocalShard, ShapeChangedError, ShardingError, ShardLayout
@@ -32,6 +33,7 @@ _LAZY = {
     "CompassMonitor": ".monitor",
     "ParamSpec": ".selection",
     "SelectionError": ".selection",
+    "SpectralDetail": ".store.spectral_arrays",
     "LocalShard": ".sharding",
     "ShardLayout": ".sharding",
     "ShardingError": ".sharding",
@@ -54,6 +56,7 @@ __all__ = [
     "ShapeChangedError",
     "ShardLayout",
     "ShardingError",
+    "SpectralDetail",
     "StoreDamagedError",
     "StoreError",
     "StoreExistsError",

@@ -173,7 +173,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     )
     try:
         result = diff_checkpoints(args.base, refs, args.out, config=config, run_name=args.run_name,
-                                  progress=None if not args.no_progress else False, device=args.device)
+                                  progress=None if not args.no_progress else False, device=args.device,
+                                  allow_unrelated_base=args.allow_unrelated_base, hold_base=args.hold_base)
     except KeyboardInterrupt:
         print(f"compass-monitor diff: interrupted; {args.out} keeps every committed snapshot", file=sys.stderr)
         return 130
@@ -212,6 +213,10 @@ def _add_diff_command(sub: argparse._SubParsersAction) -> None:
     diff.add_argument("--run-name", default=None, help="the run's label (default: the folder name)")
     diff.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the probe runs (default auto: cuda when available)")
     diff.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    diff.add_argument("--allow-unrelated-base", action="store_true",
+                      help="compare checkpoints with a base they were not trained from (refused by default: median weight cosine below 0.5)")
+    diff.add_argument("--hold-base", action="store_true",
+                      help="keep the base in memory (2.5 bytes per weight) instead of rereading it for every checkpoint")
     diff.set_defaults(func=_cmd_diff)
 
 

@@ -15,22 +15,26 @@ tested against the same float64 reference.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .bf16 import ABS_MASK, INF_BITS, bf16_bits, changed_from_bits
+from .bf16 import ABS_MASK, INF_BITS, bf16_bits, canonical_bits, changed_from_bits
 from .bitpack import popcount
 from .kernels import fused_available, fused_measure_range
 from .shard_geometry import pack_aligned
 from .sharding import LocalShard, ShardingError
+from .state_spill import OffloadedArrays
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ShardState",
+    "resident",
     "measure_range",
     "changed_np",
     "counts_np",
@@ -57,6 +61,9 @@ class ShardState:
         base_bits: (numel,) int16 canonical bf16 codes of W0, on the base device.
         reference_packed: (3, nbytes) uint8: principal, low, principal-not-low.
         previous_packed: (nbytes,) uint8: the last stored snapshot's changed mask.
+        offload: where the three arrays are kept instead (``state_spill``: W0 reread from
+            the base checkpoint, masks in a spill file), or None when they are held here.
+            An offloaded state holds empty tensors except inside :func:`resident`.
     """
 
     shard: LocalShard
@@ -67,6 +74,34 @@ class ShardState:
     previous_packed: torch.Tensor
     #: whether the fused accelerator kernel may measure this range (False after it failed once)
     fused: bool = True
+    offload: OffloadedArrays | None = None
+
+
+_EMPTY_CODES = torch.zeros(0, dtype=torch.int16)
+_EMPTY_MASK = torch.zeros(0, dtype=torch.uint8)
+
+
+@contextmanager
+def resident(state: ShardState) -> Iterator[ShardState]:
+    """``state`` with its W0 codes and masks in memory for the block; an offloaded state drops them after it.
+
+    Raises:
+        ShardingError: the reread base no longer has the range's size (the base file changed).
+    """
+    off = state.offload
+    if off is None:
+        yield state
+        return
+    bits = canonical_bits(bf16_bits(off.base()).reshape(-1)).to(off.device)
+    if bits.numel() != state.numel:
+        raise ShardingError(f"the base of {state.shard.spec.name!r} now has {bits.numel()} weights, had {state.numel} when it was captured")
+    state.base_bits = bits
+    state.reference_packed = torch.from_numpy(off.reference()).to(off.device)
+    state.previous_packed = torch.from_numpy(off.previous()).to(off.device)
+    try:
+        yield state
+    finally:
+        state.base_bits, state.reference_packed, state.previous_packed = _EMPTY_CODES, _EMPTY_MASK.view(0, 0), _EMPTY_MASK
 
 
 def fingerprint_partial(bits: torch.Tensor, start: int) -> torch.Tensor:

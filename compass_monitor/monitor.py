@@ -53,6 +53,7 @@ from .resume import ResumePoint, agree, agreed_config, read_resume_point, restor
 from .sharding import ShardLayout, sharding_kind
 from .sinks import NullSink
 from .spectral_tracker import SpectralTracker
+from .state_spill import spill_directory
 from .store import schema
 from .store.async_writer import AsyncWriter
 from .store.writer import RunWriter, SnapshotRecord, check_creatable
@@ -192,7 +193,7 @@ class CompassMonitor:
     # -- creation and resume ---------------------------------------------------------
     def _create(self, run_dir: str | os.PathLike[str], *, run_name: str | None, metadata: dict[str, Any] | None, model_class: str) -> None:
         agree(self.comm, lambda: check_creatable(Path(run_dir)))  # fail before the base's cost, as create() would
-        base = self.probe.capture_base(want_codes=self.config.store_base)
+        base = self.probe.capture_base(want_codes=self.config.store_base, spill_dir=spill_directory(run_dir))
         self._class_counts = base.class_counts
         attributes = run_attributes(
             run_dir, run_name=run_name, metadata=metadata, model_class=model_class, config=self.config, world_size=self.comm.world_size, layout=self.probe.layout
@@ -242,6 +243,8 @@ class CompassMonitor:
                 event: dict[str, Any] = {"step": point.step, "pid": os.getpid(), "host": socket.gethostname(), "world_size": self.comm.world_size}
                 if run_name or metadata:
                     event.update({"run_name": run_name, "metadata": metadata or {}})
+                if point.gap is not None:
+                    event["gap"] = list(point.gap)  # [last step the store saw, step resumed at]: trained unmonitored
                 store.resume(point.keep, event=event)
 
             agree(self.comm, resume_store)
@@ -253,6 +256,7 @@ class CompassMonitor:
         self.writer = self._start_writer(store) if store is not None else NullSink(run_dir)
         if store is not None:
             log.info("compass-monitor: resumed %s at step %d: kept %d snapshots, dropped %d", run_dir, point.step, point.keep, point.dropped)
+            self._warn_gap(point, run_dir)
 
     def _apply(self, point: ResumePoint) -> None:
         """Step counter and latest scalars of a resume or rewind (agreed on every rank)."""
@@ -261,6 +265,21 @@ class CompassMonitor:
         self._last_snapshot_step = point.last_snapshot_step
         self._latest = point.latest
         self._snapshots_taken = point.keep  # the spectral cadence counts stored snapshots, across resumes
+
+    def _warn_gap(self, point: ResumePoint, run_dir: Any) -> None:
+        """One warning (rank 0) when training went on without the monitor between the store's last seen step and ``point.step``."""
+        if point.gap is None or self.comm.rank != 0:
+            return
+        seen, step = point.gap
+        due = point.unseen_from if point.unseen_from is not None else seen + 1
+        unseen = f"steps {seen + 1}..{step}" if due == seen + 1 else f"steps {due}..{step} at least"
+        against = f"step {point.last_snapshot_step}'s mask" if point.last_snapshot_step is not None else "the base W0"
+        log.warning(
+            "compass-monitor: run %s resumed at step %d, but the store last saw step %d: %s were not monitored; "
+            "the first snapshot after the resume compares with %s, so its step-to-step flips span that gap "
+            "(recorded in the store's history as gap [%d, %d])",
+            run_dir, step, seen, unseen, against, seen, step,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Minimal state for a training checkpoint: the step counter and the last snapshot's step."""
@@ -279,7 +298,12 @@ class CompassMonitor:
         restored from the store. Use with ``resume=True``.
         """
         if self.enabled:
-            self._guarded(lambda step: self._apply(rewind_point(self.probe, self.writer, self.run_dir, step)), int(state["step"]))
+            self._guarded(self._rewind, int(state["step"]))
+
+    def _rewind(self, step: int) -> None:
+        point = rewind_point(self.probe, self.writer, self.run_dir, step)
+        self._apply(point)
+        self._warn_gap(point, self.run_dir)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every snapshot taken so far is committed to the store. True if done in time."""
@@ -373,6 +397,7 @@ class CompassMonitor:
             # flips are then counted against the last stored mask.
             self.writer.note_gap(step)
             return
+        self.probe.snapshot_step = step  # for the probe's messages
         snap = self.probe.measure() if not writer_failed else None
         counts, flags = self.probe.reduce(snap or _failed_snapshot(len(self.specs)), skip=skip, error=writer_failed)
         if flags["error"]:
@@ -390,7 +415,8 @@ class CompassMonitor:
         spectral = self._spectral.rows() if self._spectral is not None and self._spectral.due(self._snapshots_taken) else None
         if pieces is not None:
             rows, cols, packed = pieces
-            record = SnapshotRecord(step=step, wall_time=time.time(), counts=counts, null_overlap=null, rows=rows, cols=cols, packed=packed, spectral=spectral)
+            record = SnapshotRecord(step=step, wall_time=time.time(), counts=counts, null_overlap=null, rows=rows, cols=cols, packed=packed,
+                                  **(spectral.record_fields() if spectral is not None else {}))
             # A refusal here (the writer failed meanwhile) is agreed on at the next snapshot.
             self.writer.submit(record)
         self.probe.accept(snap)
@@ -398,7 +424,7 @@ class CompassMonitor:
         self._last_snapshot_step = step
         self._latest = (step, counts, null)
         if spectral is not None:
-            self._latest_spectral = spectral
+            self._latest_spectral = spectral.fields
 
     def latest_scalars(self, *, prefix: str = "compass") -> dict[str, float]:
         """Scalars of the latest snapshot for a logger, ``{}`` before the first one (every rank holds them).
@@ -476,6 +502,7 @@ class CompassMonitor:
             log.error("compass-monitor: %s; the run store keeps the %d committed snapshots", reason, self.writer.num_snapshots)
             return
         self.writer.close("finished")
+        self.probe.close()  # the spill file of a post-hoc probe (the writer has read all it needed)
         if self.writer.error is not None:
             reason = f"finalize failed ({self.writer.error_context}): {type(self.writer.error).__name__}: {self.writer.error}"
             self.disabled_reason = reason

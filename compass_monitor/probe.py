@@ -51,6 +51,7 @@ weight (three reference masks and the previous mask, packed).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,12 +62,13 @@ from .bf16 import ABS_MASK, INF_BITS, bf16_bits, canonical_bits
 from .collectives import Comm
 from .config import MonitorConfig
 from .exact_selection import select_count, top_count_masks
-from .matrix_probe import _FP_MOD, ShardState, fingerprint_partial, measure_range
+from .matrix_probe import _FP_MOD, ShardState, fingerprint_partial, measure_range, resident
 from .precision_null import NUM_CLASSES as _NUM_CLASSES
 from .precision_null import class_counts as _class_counts
 from .principal_sharded import ShardedPrincipal
 from .shard_geometry import aligned_nbytes, check_geometry, pack_aligned
 from .sharding import ShardingError, ShardLayout
+from .state_spill import OffloadedArrays, StateSpill, return_freed_memory
 
 __all__ = ["ShardProbe", "LocalSnapshot", "BaseCapture", "BASE_GROUP_ELEMENTS"]
 
@@ -150,6 +152,12 @@ class ShardProbe:
         self.states: list[ShardState] = []
         #: measurement code path: ``auto`` (numpy when W0 is in CPU memory, torch ops on its device otherwise)
         self.backend = "auto"
+        #: where each matrix's parameter lives in the model, checked before each measurement (``watch_replacements``)
+        self.bindings: Any = None
+        #: the step of the snapshot being measured (set by the monitor; for messages only)
+        self.snapshot_step: int | None = None
+        #: where the per-matrix state is kept when the base can be reread (``capture_base``); None: in memory
+        self.spill: StateSpill | None = None
 
     @classmethod
     def from_model(cls, model: Any, config: MonitorConfig, *, group: Any = None, comm: Comm | None = None, optimizer: Any = None) -> "ShardProbe":
@@ -163,7 +171,22 @@ class ShardProbe:
             layout, error = discover_shards(model, config, group=group, optimizer=optimizer), None
         except (ShardingError, SelectionError) as exc:
             layout, error = None, exc
-        return cls(layout, config, comm=comm, error=error)
+        probe = cls(layout, config, comm=comm, error=error)
+        probe.watch_replacements(model, optimizer=optimizer)
+        return probe
+
+    def watch_replacements(self, model: Any, *, optimizer: Any = None) -> None:
+        """Check at each snapshot that every matrix is still read from the tensor ``model`` holds (``bindings``).
+
+        Where a check cannot be set up (an exotic model), snapshots are taken without it, with a warning.
+        """
+        from .bindings import Bindings
+
+        try:
+            self.bindings = Bindings(model, self.layout.shards, self.config, world_size=self.layout.world_size, optimizer=optimizer)
+        except Exception as exc:  # noqa: BLE001 - an auxiliary check never keeps training from starting
+            self.bindings = None
+            log.warning("compass-monitor: cannot check %s for replaced parameters (%s: %s); a replaced module would go unnoticed", type(model).__name__, type(exc).__name__, exc)
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -190,9 +213,16 @@ class ShardProbe:
 
     # -- base ---------------------------------------------------------------------------
     @torch.no_grad()
-    def capture_base(self, *, want_codes: bool = False) -> BaseCapture:
-        """Take W0 of every local range and compute the reference masks in global coordinates (a collective)."""
+    def capture_base(self, *, want_codes: bool = False, spill_dir: Any = None) -> BaseCapture:
+        """Take W0 of every local range and compute the reference masks in global coordinates (a collective).
+
+        Where the layout can read the base again (``ShardLayout.base_values``), nothing of W0 is
+        kept: each range's masks go to a spill file in ``spill_dir`` (default: the temporary
+        folder) and W0 is reread whenever it is needed (``state_spill``).
+        """
         self.comm.phase = "base"
+        if self.layout.base_values is not None and self.spill is None:
+            self.spill = StateSpill(spill_dir)
         cfg = self.config
         P = len(self.layout.shards)
         C = 4 * _NUM_CLASSES
@@ -237,12 +267,21 @@ class ShardProbe:
                     reference = torch.stack([pack_aligned(principal_mask, start), pack_aligned(low, start), pack_aligned(pnl, start)])
                 else:
                     reference = torch.zeros((3, 0), dtype=torch.uint8, device=bits.device)
+                if self.spill is not None and numel:
+                    off = OffloadedArrays(self.spill, self.layout.base_values[p], reference.shape[1], self.base_device or bits.device)
+                    off.put_reference(reference.cpu().numpy())
+                    # new empty tensors: a zero-length view would keep W0's storage alive
+                    states[p] = ShardState(shard=self.layout.shards[p], start=start, numel=numel, base_bits=bits.new_empty(0),
+                                           reference_packed=reference.new_empty((3, 0)), previous_packed=reference.new_empty(0), offload=off)
+                    continue
                 base = bits if self.base_device is None else bits.to(self.base_device)
                 ref = reference if self.base_device is None else reference.to(self.base_device)
                 states[p] = ShardState(
                     shard=self.layout.shards[p], start=start, numel=numel, base_bits=base, reference_packed=ref, previous_packed=torch.zeros_like(ref[0])
                 )
             del masks
+            if self.spill is not None:
+                return_freed_memory()
         self.states = [s for s in states if s is not None]
         self.comm.all_reduce(reduce_buf)
         result = BaseCapture(
@@ -279,9 +318,9 @@ class ShardProbe:
     def _gather_reference(self) -> list[np.ndarray] | None:
         """The whole reference masks of every matrix on rank 0 (3 bits per weight, one gather)."""
         if self.comm.world_size == 1:
-            return [s.reference_packed.cpu().numpy() for s in self.states]
+            return _PerMatrix(len(self.states), lambda p: self._reference_of(self.states[p]))
         P = len(self.states)
-        pieces = [s.reference_packed.cpu().numpy().reshape(-1) for s in self.states]
+        pieces = [self._reference_of(s).reshape(-1) for s in self.states]
         mine = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
         sizes = {r: sum(3 * aligned_nbytes(*self.geometry.ranges[p][r]) for p in range(P)) for r in self.members}
         gathered = self._gather_padded(mine, max(sizes.values()))
@@ -300,12 +339,25 @@ class ShardProbe:
 
     def gather_base_codes(self) -> list[np.ndarray] | None:
         """The base bf16 codes of every matrix on rank 0, one gather per matrix (for the stored W0)."""
+        if self.comm.world_size == 1:  # read by the store writer one matrix at a time
+            return _PerMatrix(len(self.states), lambda p: self._codes_of(self.states[p]))
         out: list[np.ndarray] | None = [] if self.is_writer else None
         for p, state in enumerate(self.states):
-            codes = self._gather_codes(p, state.base_bits.cpu().numpy())
+            codes = self._gather_codes(p, self._codes_of(state))
             if out is not None and codes is not None:
                 out.append(codes)
         return out
+
+    @staticmethod
+    def _reference_of(state: ShardState) -> np.ndarray:
+        if state.offload is not None:
+            return state.offload.reference()
+        return state.reference_packed.cpu().numpy()
+
+    @staticmethod
+    def _codes_of(state: ShardState) -> np.ndarray:
+        with resident(state):  # an offloaded W0 is reread; the array keeps it alive after the block
+            return state.base_bits.cpu().numpy()
 
     def whole_matrix(self, p: int, *, base: bool) -> torch.Tensor | None:
         """Matrix ``p`` as an (m, n) bf16 tensor on rank 0 (None elsewhere): W0 or the current weights.
@@ -315,11 +367,15 @@ class ShardProbe:
         the spectral diagnostics, at their own cadence (the masks never need it).
         """
         state, shape = self.states[p], self.geometry.shapes[p]
+        base_bits = state.base_bits
+        if base and state.offload is not None:
+            with resident(state):  # reread; the tensor outlives the block
+                base_bits = state.base_bits
         if self.comm.world_size == 1:
-            codes = state.base_bits if base else bf16_bits(state.shard.local())
+            codes = base_bits if base else bf16_bits(state.shard.local())
             return codes.view(torch.bfloat16).reshape(shape)
         if base:
-            mine = state.base_bits.cpu().numpy()
+            mine = base_bits.cpu().numpy()
         elif state.numel:
             mine = bf16_bits(state.shard.local()).cpu().numpy()
         else:
@@ -349,20 +405,39 @@ class ShardProbe:
         return None if gathered is None else [g.numpy() for g in gathered]
 
     # -- snapshots ---------------------------------------------------------------------
+    def check_replacements(self, step: int | None = None) -> None:
+        """Follow monitored parameters replaced by tensors of their shape; raise for one of another shape (no collective).
+
+        Metadata only (module look-ups, identity, data pointer, shape, dtype, device): no weight is read and
+        nothing waits for the device (``bindings``).
+        """
+        if not self.bindings:
+            return
+        parts = ([f"rank {self.rank}"] if self.comm.world_size > 1 else []) + ([f"step {step}"] if step is not None else [])
+        where = f"{', '.join(parts)}: " if parts else ""
+        for p, shard in self.bindings.check(self.layout.shards, where=where).items():
+            self.layout.shards[p] = shard
+            if p < len(self.states):
+                self.states[p].shard = shard
+
     @torch.no_grad()
     def measure(self) -> LocalSnapshot:
-        """Measure every local range (no collective). A failure is reported in ``error``, not raised."""
+        """Measure every local range (no collective), after :meth:`check_replacements`. A failure is reported in ``error``, not raised."""
         P = len(self.states)
         counts = np.zeros((P, 6), dtype=np.int64)
         pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * P
         packed_list: list[torch.Tensor] = []
         on_device: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         try:
+            self.check_replacements(self.snapshot_step)
             for p, state in enumerate(self.states):
                 if state.numel == 0:
                     packed_list.append(state.previous_packed)
                     continue
-                c, rows, cols, packed = measure_range(state, self.geometry.shapes[p], backend=self.backend)
+                with resident(state):
+                    c, rows, cols, packed = measure_range(state, self.geometry.shapes[p], backend=self.backend)
+                if state.offload is not None:
+                    return_freed_memory()
                 packed_list.append(packed)
                 if isinstance(c, torch.Tensor):  # accelerator: copied to the host below, once per kind
                     on_device.append((p, c, rows, cols, packed))
@@ -436,11 +511,13 @@ class ShardProbe:
     def accept(self, snap: LocalSnapshot) -> None:
         """Make this snapshot's masks the previous ones (after it was stored)."""
         for state, packed in zip(self.states, snap.packed):
-            if state.numel:
+            if state.numel and state.offload is not None:
+                state.offload.put_previous(packed.cpu().numpy())
+            elif state.numel:
                 state.previous_packed = packed
 
     def restore(self, codes: list[np.ndarray], refs: list[np.ndarray], previous: list[np.ndarray]) -> None:
-        """Take W0 codes, reference masks and previous masks of this rank's ranges from a stored run (resume)."""
+        """Take W0 codes, reference masks and previous masks of this rank's ranges from a stored run (resume; held in memory)."""
         states = []
         for p, shard in enumerate(self.layout.shards):
             start, numel = self._range(p)
@@ -460,4 +537,27 @@ class ShardProbe:
     def set_previous(self, local_packed: list[np.ndarray]) -> None:
         """Previous masks from this rank's aligned local packed masks (e.g. after a resume)."""
         for state, local in zip(self.states, local_packed):
-            state.previous_packed = torch.from_numpy(np.ascontiguousarray(local)).to(state.base_bits.device)
+            if state.offload is not None:
+                state.offload.put_previous(np.ascontiguousarray(local))
+            else:
+                state.previous_packed = torch.from_numpy(np.ascontiguousarray(local)).to(state.base_bits.device)
+
+    def close(self) -> None:
+        """Free the spill file (if any); the probe measures nothing after this."""
+        if self.spill is not None:
+            self.spill.close()
+
+
+class _PerMatrix(Sequence):
+    """A read-only list whose item ``p`` is computed when asked (the store writer takes one matrix at a time)."""
+
+    def __init__(self, length: int, item: Callable[[int], np.ndarray]) -> None:
+        self._length, self._item = length, item
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, p: int) -> np.ndarray:  # type: ignore[override]
+        if not 0 <= p < self._length:
+            raise IndexError(p)
+        return self._item(p)

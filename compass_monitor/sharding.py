@@ -72,6 +72,9 @@ class LocalShard:
         layout: how the parameter is sharded, in words (for messages).
         values: returns the current local values, a 1-D tensor of ``numel``
             elements in global flat order (a view; never a gathered copy).
+        source: the model's parameter that ``values`` reads (None where there is
+            none to check: FSDP1 flat parameters, lazily read tensors); the probe
+            checks at each snapshot that the model still holds it (``bindings``).
     """
 
     spec: ParamSpec
@@ -80,6 +83,7 @@ class LocalShard:
     contributes: bool
     layout: str
     values: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    source: Any = field(default=None, repr=False, compare=False)
 
     @property
     def end(self) -> int:
@@ -124,6 +128,11 @@ class ShardLayout:
     #: JSON facts about the selection (frozen / left-out matrices with reasons, unknown module names,
     #: notes); the monitor stores them under the store attribute ``selection``.
     facts: dict[str, Any] = field(default_factory=dict)
+    #: per shard, a function that reads its base W0 again (1-D, like ``LocalShard.values``), where
+    #: the base stays on disk (post hoc: the base checkpoint). The probe then keeps no copy of W0
+    #: and spills its masks to a file (``state_spill``): memory bounded by the largest matrix.
+    #: None (a live run): the probe holds W0, since training overwrites it.
+    base_values: list[Callable[[], torch.Tensor]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def specs(self) -> list[ParamSpec]:
@@ -146,7 +155,12 @@ class ShapeChangedError(ShardingError):
 
 
 def _whole(
-    spec: ParamSpec, source: torch.Tensor | Callable[[], torch.Tensor], *, contributes: bool = True, layout: str = "whole"
+    spec: ParamSpec,
+    source: torch.Tensor | Callable[[], torch.Tensor],
+    *,
+    contributes: bool = True,
+    layout: str = "whole",
+    param: torch.Tensor | None = None,
 ) -> LocalShard:
     """A whole matrix as one shard; ``source`` is the tensor, or a function returning its current (m, n) view."""
     view = source if callable(source) and not isinstance(source, torch.Tensor) else (lambda p=source: p.detach())
@@ -160,13 +174,13 @@ def _whole(
             )
         return t.reshape(-1)
 
-    return LocalShard(spec=spec, start=0, numel=spec.numel, contributes=contributes, layout=layout, values=values)
+    return LocalShard(spec=spec, start=0, numel=spec.numel, contributes=contributes, layout=layout, values=values, source=param)
 
 
 def whole_layout(model: nn.Module, config: MonitorConfig, *, optimizer: Any = None) -> ShardLayout:
     """Every selected matrix as a whole, contributed shard (a single process holds the model), with the selection's facts."""
     selection = select_matrices(model, config, optimizer=optimizer)
-    return ShardLayout(shards=[_whole(m.spec, m.matrix) for m in selection.matrices], kind="plain", facts=selection.facts)
+    return ShardLayout(shards=[_whole(m.spec, m.matrix, param=m.source) for m in selection.matrices], kind="plain", facts=selection.facts)
 
 
 def whole_shards(model: nn.Module, config: MonitorConfig, *, optimizer: Any = None) -> list[LocalShard]:
@@ -274,7 +288,7 @@ def _dtensor_shards(model: nn.Module, config: MonitorConfig, *, rank: int, world
             shards.append(_dtensor_shard(matrix.spec, matrix.source, world=world))
         else:
             # Not managed by FSDP2: every rank holds the same copy; rank 0 contributes it.
-            shards.append(_whole(matrix.spec, matrix.matrix, contributes=rank == 0, layout="replicated (not sharded)"))
+            shards.append(_whole(matrix.spec, matrix.matrix, contributes=rank == 0, layout="replicated (not sharded)", param=matrix.source))
     return shards, selection.facts
 
 
@@ -319,7 +333,7 @@ def _dtensor_shard(spec: ParamSpec, param: Any, *, world: int) -> LocalShard:
     def values(p=param) -> torch.Tensor:
         return p.to_local().detach().reshape(-1)
 
-    return LocalShard(spec=spec, start=start, numel=numel, contributes=contributes, layout=layout, values=values)
+    return LocalShard(spec=spec, start=start, numel=numel, contributes=contributes, layout=layout, values=values, source=param)
 
 
 # ----------------------------------------------------------------------------- FSDP1
@@ -369,7 +383,7 @@ def _fsdp1_shards(model: nn.Module, config: MonitorConfig, *, rank: int) -> tupl
     for matrix in selection.matrices:
         source = sources.get(id(matrix.source))
         if source is None:
-            shards.append(_whole(matrix.spec, matrix.matrix, contributes=rank == 0, layout="replicated (not managed by FSDP)"))
+            shards.append(_whole(matrix.spec, matrix.matrix, contributes=rank == 0, layout="replicated (not managed by FSDP)", param=matrix.source))
             continue
         flat, i, fsdp = source
         if not matrix.plain:

@@ -250,6 +250,10 @@ class SpectralDrift:
         max_angle_left_deg, max_angle_right_deg: largest principal angle between
             the top-k left (right) singular subspaces, degrees (0-d).
         angles_left_deg, angles_right_deg: all k principal angles, descending (k,).
+        singular_values: the top-k singular values of Wt, descending (k,), units of
+            the weights (Fig. 4's curve; W0's are ``SpectralBase.sigma0[:k]``).
+            ``"exact"``: square roots of the fp64 Gram eigenvalues; ``"perturb"``:
+            of the Ritz values of its rotated Gram (built with an fp32 basis).
         topk_energy_rel_change: relative change of the Ky Fan k-norm (0-d).
         angle_error_bound_deg: Davis-Kahan bound on how far the computed top-k
             subspace of Wt is from the exact one (0-d); 90 when the k-th Ritz
@@ -269,6 +273,7 @@ class SpectralDrift:
     max_angle_right_deg: torch.Tensor
     angles_left_deg: torch.Tensor
     angles_right_deg: torch.Tensor
+    singular_values: torch.Tensor
     topk_energy_rel_change: torch.Tensor
     angle_error_bound_deg: torch.Tensor
     nss_nonperturbative_fraction: torch.Tensor
@@ -289,6 +294,7 @@ class SpectralDrift:
             out[name] = float(getattr(self, name).cpu())
         out["angles_left_deg"] = self.angles_left_deg.cpu().tolist()
         out["angles_right_deg"] = self.angles_right_deg.cpu().tolist()
+        out["singular_values"] = self.singular_values.cpu().tolist()
         return out
 
 
@@ -439,6 +445,7 @@ class _Parts:
     sin_left: torch.Tensor  # (k,)
     sin_right: torch.Tensor  # (k,)
     bound_rad: torch.Tensor
+    sigma_k: torch.Tensor  # top-k singular values of Wt, descending (k,)
     nonperturbative: torch.Tensor | None = None
 
 
@@ -456,6 +463,7 @@ def _drift_exact(base: SpectralBase, tall: torch.Tensor) -> _Parts:
         sin_left=_sines(base.u0k, u_t),
         sin_right=_sines(base.v0k, ritz.z_k),
         bound_rad=_dk_bound(ritz, _at(lam, k)),
+        sigma_k=_sqrt0(lam[:k]),
     )
 
 
@@ -478,6 +486,7 @@ def _drift_perturb(base: SpectralBase, tall: torch.Tensor) -> _Parts:
         sin_left=_left_sines(base.u0k, sigma_k, m_rot, n_rot, ritz.z_k),
         sin_right=_singular_values(ritz.z_k[k:]),
         bound_rad=_dk_bound(ritz, _at(lam, k)),
+        sigma_k=_sqrt0(ritz.w_k),
         nonperturbative=nonpert,
     )
 
@@ -547,6 +556,7 @@ def _assemble(base: SpectralBase, parts: _Parts, method: str, finite: torch.Tens
         max_angle_right_deg=valid(right.amax()),
         angles_left_deg=valid(left),
         angles_right_deg=valid(right),
+        singular_values=valid(parts.sigma_k),
         topk_energy_rel_change=valid(_relative(parts.kyfan_change, base.kyfan0)),
         angle_error_bound_deg=valid(torch.rad2deg(parts.bound_rad)),
         nss_nonperturbative_fraction=valid(nonpert),

@@ -154,13 +154,14 @@ class SyntheticWriter:
     """Appends seeded synthetic snapshots to a new run store, one call at a time."""
 
     def __init__(self, path: str | Path, *, spec: SyntheticSpec | None = None, seed: int = 0, name: str | None = None,
-                 geometry: dict[str, dict] | None = None) -> None:
+                 geometry: dict[str, dict] | None = None, writer_options: dict | None = None) -> None:
         self.spec = spec or SyntheticSpec()
         self.rng = np.random.default_rng(seed)
         params = synthetic_params(self.spec, geometry=geometry)
         speeds = 0.02 + 0.25 * self.rng.random(len(params))
         self.models = [_MaskModel(p, self.spec, self.rng, float(s)) for p, s in zip(params, speeds)]
-        self.writer = RunWriter.create(Path(path), params=params, attributes=_attributes(self.spec, name or Path(path).name, seed))
+        self.writer = RunWriter.create(Path(path), params=params, attributes=_attributes(self.spec, name or Path(path).name, seed),
+                                       **(writer_options or {}))
         _base(self.writer, self.models)
         self.t = 0
 

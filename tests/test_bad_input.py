@@ -119,7 +119,7 @@ def test_shape_change_disables_monitor_training_continues(tmp_path, caplog):
         for _ in range(3):
             step(model, optimizer)  # must not raise
     assert not monitor.enabled
-    assert "has shape (8, 9) but had (7, 9)" in caplog.text
+    assert "parameter '0.weight' changed shape from (7, 9) to (8, 9) (and '2.weight' from (5, 7) to (5, 8))" in caplog.text
     assert "Training continues" in caplog.text
     monitor.close()
     run = open_run(tmp_path / "run")

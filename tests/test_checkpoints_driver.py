@@ -109,9 +109,64 @@ def test_a_lora_adapter_folder_is_measured_as_its_merged_model(tmp_path):
         assert (expected > 0) == (p.module_type in ("q", "up"))
 
 
-def test_a_base_of_another_run_is_warned_about(tmp_path, caplog):
+def _median_cosine(base_dir, ckpt_dir, names) -> float:
+    """Independent reference: float64 cosine of the flattened tensors, median over ``names``."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(base_dir / "model.safetensors"), load_file(ckpt_dir / "model.safetensors")
+    values = sorted(float(torch.nn.functional.cosine_similarity(a[n].double().reshape(1, -1), b[n].double().reshape(1, -1))) for n in names)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def test_a_base_of_another_run_is_refused_and_nothing_is_written(tmp_path, capsys):
+    from compass_monitor.checkpoints.lineage import BaseMismatchError, sampled_tensors
+    from compass_monitor.checkpoints.series import check_series, open_checkpoint
+    from compass_monitor.cli import main
+
     tiny_qwen2(0, torch.bfloat16).save_pretrained(tmp_path / "base")
     tiny_qwen2(1, torch.bfloat16).save_pretrained(tmp_path / "checkpoint-7")  # same architecture, other weights
-    with caplog.at_level(logging.WARNING):
-        diff_checkpoints(tmp_path / "base", resolve_steps([tmp_path / "checkpoint-7"]), tmp_path / "run", config=CONFIG, progress=False, device="cpu")
-    assert re.search(r"9\d\.\d\d% of the linear weights of .*checkpoint-7 \(step 7\) differ from the base .*is that the model these checkpoints were trained from", caplog.text)
+    names = sampled_tensors(check_series(open_checkpoint(tmp_path / "base"), [open_checkpoint(tmp_path / "checkpoint-7")], CONFIG))
+    assert len(names) == 8  # of the 14 linear matrices
+    expected = _median_cosine(tmp_path / "base", tmp_path / "checkpoint-7", names)
+    assert abs(expected) < 0.05  # unrelated weights: near orthogonal
+    (tmp_path / "out").mkdir()
+    with pytest.raises(BaseMismatchError) as caught:
+        diff_checkpoints(tmp_path / "base", resolve_steps([tmp_path / "checkpoint-7"]), tmp_path / "out", config=CONFIG, progress=False, device="cpu")
+    assert str(caught.value) == (
+        f"{tmp_path / 'checkpoint-7'} was not trained from the base {tmp_path / 'base'}: the median cosine between their weights over "
+        f"8 sampled matrices is {expected:.3f} (a fine-tune stays near 1, unrelated models near 0; below 0.5 is refused); give the "
+        "base these checkpoints were trained from, or pass --allow-unrelated-base to compare unrelated models anyway"
+    )
+    assert list((tmp_path / "out").iterdir()) == []  # nothing written
+    args = ["diff", str(tmp_path / "base"), str(tmp_path / "checkpoint-7"), "--out", str(tmp_path / "cli"), "--rank", "2", "--no-progress"]
+    capsys.readouterr()  # save_pretrained's progress lines
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compass-monitor diff: error:" in err and "was not trained from the base" in err
+    assert not (tmp_path / "cli").exists()
+    # On purpose: the flag compares them anyway (almost every weight differs).
+    assert main(args + ["--allow-unrelated-base"]) == 0
+    assert open_run(tmp_path / "cli").counts[0, :, 0].sum() > 0.99 * sum(p.numel for p in open_run(tmp_path / "cli").params)
+
+
+def test_a_fine_tune_that_changes_every_bf16_weight_is_not_refused(tmp_path):
+    """Adam at a usual learning rate changes nearly every bf16 code; the weights stay close (cosine ~ 1)."""
+    base = tiny_qwen2(0, torch.float32)
+    base.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(1e-3 * torch.sign(torch.randn_like(p)))  # one Adam-sized step on every weight
+    base.save_pretrained(tmp_path / "checkpoint-1")
+    diff_checkpoints(tmp_path / "base", resolve_steps([tmp_path / "checkpoint-1"]), tmp_path / "run", config=CONFIG, progress=False, device="cpu")
+    run = open_run(tmp_path / "run")
+    assert run.counts[0, :, 0].sum() > 0.99 * sum(p.numel for p in run.params)
+
+
+def test_cosine_skips_zero_and_non_finite_tensors():
+    from compass_monitor.checkpoints.lineage import cosine
+
+    assert cosine(torch.zeros(4, 4), torch.ones(4, 4)) is None
+    assert cosine(torch.full((2, 2), float("nan")), torch.ones(2, 2)) is None
+    assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == 0.0
+    assert cosine(torch.tensor([3.0, 4.0]), torch.tensor([6.0, 8.0])) == pytest.approx(1.0, abs=1e-15)

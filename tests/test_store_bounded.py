@@ -63,6 +63,10 @@ def rle_zstd_frame(nbytes: int, *, declare: bool) -> bytes:
     return header + b"".join(blocks)
 
 
+def chunk_shape(path: Path, array: str) -> list[int]:
+    return json.loads((path / array / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"]
+
+
 def craft_commit_count(path: Path) -> str:
     commit = json.loads((path / schema.COMMIT_FILE).read_text())
     commit.update(snapshots=3_000_000, last_step=3_000_000)
@@ -97,16 +101,18 @@ def craft_zip_bomb(path: Path, *, declare: bool = True, whole: bool = True) -> s
     target = chunk(path, schema.COUNTS, 5)
     frame = rle_zstd_frame(2 << 30, declare=declare)
     target.write_bytes(frame if whole else frame[: (13 if declare else 6) + 4])
-    if whole:
-        return "more than any chunk of 192 bytes compresses to"
+    if whole:  # the chunk holds ``rows`` snapshots of 4 matrices x 6 int64 counts (192 bytes each)
+        rows = chunk_shape(path, schema.COUNTS)[0]
+        return f"more than any chunk of {192 * rows} bytes compresses to"
     return "declares 2147483648 bytes" if declare else "declares None bytes"
 
 
 def craft_frame_header(path: Path) -> str:
     # A valid, checksummed chunk of frame headers claiming 2**40 Rice positions for matrix 0.
     target = chunk(path, schema.FRAMES, 5)
-    headers = np.frombuffer(Zstd().decode(target.read_bytes()), dtype="<i8").reshape(1, 4, 4).copy()
-    headers[0, 0] = [2, 1 << 40, 3, 10]
+    shape = chunk_shape(path, schema.FRAMES)
+    headers = np.frombuffer(Zstd().decode(target.read_bytes()), dtype="<i8").reshape(shape).copy()
+    headers[5 % shape[0], 0] = [2, 1 << 40, 3, 10]
     target.write_bytes(Zstd(level=1, checksum=True).encode(headers.tobytes()))
     return "damaged frame header"
 

@@ -238,7 +238,7 @@ def test_failed_creation_leaves_nothing_and_says_why(tmp_path, monkeypatch):
     from compass_monitor.store import RunWriter, StoreError
     from store_stream import specs
 
-    def disk_full(self):
+    def disk_full(self, *args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(RunWriter, "_create_arrays", disk_full)

@@ -1,9 +1,10 @@
 """Post hoc: a base and a series of checkpoints become an ordinary run store, one snapshot per checkpoint.
 
-The driver checks the whole series from the headers first (nothing is
-written for a series that does not fit), creates a monitor whose base is the
-base checkpoint, then points the lazily loaded shards at each checkpoint in
-turn and takes one snapshot at its training step. The store is the one a live
+The driver checks the whole series first, from the headers (``series``) and
+from a sample of weights (``lineage``: each checkpoint must descend from the
+base); nothing is written for a series that does not fit. It then creates
+a monitor whose base is the base checkpoint, points the lazily loaded shards
+at each checkpoint in turn and takes one snapshot at its training step. The store is the one a live
 monitor attached to the same run would have written at those steps (same
 probe, same writer), so ``summary``, ``inspect``, ``tui``, ``replay`` and the
 report read it like a live run.
@@ -31,7 +32,9 @@ from ..selection import ParamSpec
 from .discovery import CheckpointRef
 from .errors import CheckpointError
 from .layout import CheckpointCursor, build_layout
+from .lineage import check_lineage
 from .series import TensorSource, check_series, open_checkpoint
+from .views import ViewPlan
 
 __all__ = ["DiffResult", "diff_checkpoints"]
 
@@ -79,26 +82,15 @@ class _Progress:
             self._bar = None
 
 
-def _monitor(specs: list[ParamSpec], cursor: CheckpointCursor, run_dir: Path, config: MonitorConfig, *, run_name: str | None, metadata: dict[str, Any], model_class: str) -> CompassMonitor:
-    """A monitor over the series' lazily loaded layout; its base is read now, from the cursor's checkpoint."""
-    layout = build_layout(specs, cursor, facts={"source": "checkpoints", "base": str(cursor.source.path)})
+def _monitor(plan: ViewPlan, cursor: CheckpointCursor, run_dir: Path, config: MonitorConfig, *, run_name: str | None, metadata: dict[str, Any],
+             model_class: str, hold_base: bool) -> CompassMonitor:
+    """A monitor over the series' lazily loaded layout; its base is read now, from the cursor's checkpoint.
+
+    Unless ``hold_base``, a second cursor stays on the base: the probe rereads W0 from it instead of holding it.
+    """
+    base = None if hold_base else CheckpointCursor(cursor.source, views=cursor.views, device=cursor.device)
+    layout = build_layout(plan.specs, cursor, base=base, facts={"source": "checkpoints", "base": str(cursor.source.path), **plan.facts})
     return CompassMonitor.from_layout(layout, run_dir, config=config, run_name=run_name, metadata=metadata, model_class=model_class)
-
-
-#: Below this update sparsity at the first checkpoint the base is probably not the run's base:
-#: unrelated bf16 weights differ almost everywhere, a fine-tune leaves many unchanged.
-UNRELATED_SPARSITY = 0.01
-
-
-def _warn_if_unrelated(monitor: CompassMonitor, base: Path, ref: CheckpointRef) -> None:
-    monitor.flush()
-    sparsity = monitor.latest_scalars().get("compass/all_linear/sparsity")
-    if sparsity is not None and sparsity < UNRELATED_SPARSITY:
-        log.warning(
-            "compass-monitor diff: %.2f%% of the linear weights of %s (step %d) differ from the base %s: is that the model "
-            "these checkpoints were trained from? (unrelated weights differ almost everywhere)",
-            100 * (1 - sparsity), ref.path, ref.step, base,
-        )
 
 
 def diff_checkpoints(
@@ -111,6 +103,8 @@ def diff_checkpoints(
     metadata: dict[str, Any] | None = None,
     progress: bool | None = None,
     device: str = "auto",
+    allow_unrelated_base: bool = False,
+    hold_base: bool = False,
 ) -> DiffResult:
     """Write a run store with one snapshot per checkpoint, measured against ``base``.
 
@@ -124,9 +118,17 @@ def diff_checkpoints(
         progress: a progress bar (True), log lines (False), or decide from the terminal (None).
         device: where the probe runs: ``cuda`` (principal masks and spectra are the costly part),
             ``cpu``, or ``auto`` (cuda when available).
+        allow_unrelated_base: skip the test that every checkpoint descends from ``base``
+            (``lineage``: median weight cosine >= 0.5), to compare two unrelated models on purpose.
+        hold_base: keep W0 (2 bytes per weight) and the masks (4 bits per weight) in memory, as a
+            live monitor does. By default W0 is reread from the base checkpoint for every snapshot
+            and the masks wait in a spill file beside ``run_dir``: peak memory is then set by the
+            largest matrix, not the model (``bench/bench_posthoc_memory.py``), for one more read of
+            the base per checkpoint.
 
     Raises:
         CheckpointError: a checkpoint that cannot be read or does not fit the base (nothing written).
+        BaseMismatchError: a checkpoint that was not trained from ``base`` (nothing written).
         StoreExistsError: ``run_dir`` holds a run or other files.
         KeyboardInterrupt: Ctrl-C; the store keeps every committed snapshot.
     """
@@ -135,7 +137,14 @@ def diff_checkpoints(
         raise CheckpointError("no checkpoints to compare with the base")
     base_source = open_checkpoint(base)
     opened: list[TensorSource] = [open_checkpoint(ref.path, base=base_source) for ref in checkpoints]
-    specs = check_series(base_source, opened, config)
+    plan = check_series(base_source, opened, config)
+    specs = plan.specs
+    for ref, source in zip(checkpoints, opened):
+        if allow_unrelated_base:
+            break
+        closeness = check_lineage(base_source, source, plan)
+        if closeness is not None:
+            log.debug("compass-monitor diff: %s descends from the base (median weight cosine %.4f)", ref.path, closeness)
     for source in opened:
         source.close()
     facts = {
@@ -148,11 +157,12 @@ def diff_checkpoints(
     bar = _Progress(enabled=progress)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cursor = CheckpointCursor(base_source, on_first_read=bar.advance, device=device)
+    cursor = CheckpointCursor(base_source, views=plan.views, on_first_read=bar.advance, device=device)
     seconds: dict[str, float] = {}
     began = time.perf_counter()
     bar.start("base", len(specs))
-    monitor = _monitor(specs, cursor, Path(run_dir), config, run_name=run_name, metadata=facts, model_class=(base_source.architectures or ("",))[0])
+    monitor = _monitor(plan, cursor, Path(run_dir), config, run_name=run_name, metadata=facts, model_class=(base_source.architectures or ("",))[0],
+                       hold_base=hold_base)
     seconds["base"] = time.perf_counter() - began
     if not bar.tty:  # on a terminal the bar says it
         log.info("compass-monitor diff: base %s captured: %d matrices in %.1fs", base_source.path, len(specs), seconds["base"])
@@ -168,8 +178,6 @@ def diff_checkpoints(
             if not monitor.enabled:
                 raise CheckpointError(f"the snapshot of {ref.path} failed: {monitor.disabled_reason}; the store keeps the {done} snapshots before it")
             done += 1
-            if done == 1:
-                _warn_if_unrelated(monitor, base_source.path, ref)
             seconds[f"step {ref.step}"] = elapsed = time.perf_counter() - t0
             per = (time.perf_counter() - began - seconds["base"]) / done
             if not bar.tty:

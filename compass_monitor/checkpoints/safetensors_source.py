@@ -4,10 +4,14 @@ A checkpoint folder holds either one ``model.safetensors`` (or any single
 ``*.safetensors`` file), or shards listed by ``model.safetensors.index.json``
 (``{"weight_map": {tensor name: shard file}}``, as ``save_pretrained`` writes
 with ``max_shard_size``). Each file is opened once with
-``safetensors.safe_open(..., framework="pt")``, which memory-maps it and reads
-only the header up front; :meth:`SafetensorsSource.load` then materialises one
-tensor, so reading a model costs the memory of its largest tensor, not of the
-model. Shapes and dtypes come from the headers without reading any data.
+``safetensors.safe_open(..., framework="pt")``, which checks it and reads only
+the header; shapes and dtypes come from the headers without reading any data.
+:meth:`SafetensorsSource.load` reads one tensor's bytes (the header's
+``data_offsets``) with a plain file read into a fresh tensor, not through the
+memory map: pages read through a map stay resident in the process (its RSS
+grows by every tensor read until the map closes, a whole model over a pass),
+while a read leaves them only in the kernel's page cache. Reading a model
+then costs the memory of its largest tensor, not of the model.
 
 Pickle formats (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) and
 torch.distributed.checkpoint folders (``.metadata`` + ``*.distcp``) are refused
@@ -25,7 +29,7 @@ import torch
 
 from .errors import CheckpointError, UnsupportedFormatError
 
-__all__ = ["SafetensorsSource", "refuse_pickle", "read_json", "INDEX_NAME"]
+__all__ = ["SafetensorsSource", "refuse_pickle", "read_json", "read_tensor", "INDEX_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,42 @@ _VERL = (
     "merge it into a Hugging Face safetensors folder with verl's model merger: "
     "python -m verl.model_merger merge --backend fsdp --local_dir {path} --target_dir {path}_hf"
 )
+
+
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def _extents(file: Path) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
+    """Tensor name -> (absolute start, stop, dtype, shape) from a safetensors header (8-byte length, then JSON)."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {
+        name: (base + int(info["data_offsets"][0]), base + int(info["data_offsets"][1]), str(info["dtype"]), tuple(int(d) for d in info["shape"]))
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+
+
+def read_tensor(file: Path, start: int, stop: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Bytes ``[start, stop)`` of ``file`` as a new tensor (little-endian, as safetensors stores), read without a memory map."""
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{file}: tensor dtype {dtype} is not supported")
+    buffer = torch.empty(stop - start, dtype=torch.uint8)
+    with open(file, "rb", buffering=0) as f:
+        f.seek(start)
+        view, done = memoryview(buffer.numpy()), 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{file} ends inside a tensor (expected bytes {start}..{stop}); the file is truncated")
+            done += got
+    return buffer.view(_DTYPES[dtype]).reshape(shape)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -107,6 +147,7 @@ class SafetensorsSource:
         self.files = files
         self._handles = []
         self._where: dict[str, Any] = {}
+        self._extent: dict[str, tuple[Path, int, int, str, tuple[int, ...]]] = {}
         for file in files:
             try:
                 handle = safe_open(str(file), framework="pt")
@@ -117,6 +158,10 @@ class SafetensorsSource:
                 if name in self._where:
                     raise CheckpointError(f"tensor {name!r} is stored twice in {folder} ({file.name} and another file)")
                 self._where[name] = handle
+            try:
+                self._extent.update({name: (file, *extent) for name, extent in _extents(file).items()})
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+                raise CheckpointError(f"cannot read {file} as safetensors: its header: {exc}") from exc
         config_path = folder / "config.json"
         self.config: dict[str, Any] = read_json(config_path) if config_path.is_file() else {}
 
@@ -153,8 +198,8 @@ class SafetensorsSource:
         return str(self._where[name].get_slice(name).get_dtype())
 
     def load(self, name: str) -> torch.Tensor:
-        """The tensor as stored (its dtype), read from the memory-mapped file."""
-        return self._where[name].get_tensor(name)
+        """The tensor as stored (its dtype and shape), read from its file into a new tensor (no memory map)."""
+        return read_tensor(*self._extent[name])
 
     @property
     def model_type(self) -> str | None:
@@ -168,6 +213,7 @@ class SafetensorsSource:
         """Drop the file handles (the memory maps close with them)."""
         self._handles.clear()
         self._where.clear()
+        self._extent.clear()
 
     def __repr__(self) -> str:
         return f"SafetensorsSource({str(self.path)!r}, {len(self._where)} tensors in {len(self.files)} file(s))"

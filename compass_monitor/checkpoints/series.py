@@ -14,12 +14,11 @@ from typing import Protocol
 import torch
 
 from ..config import MonitorConfig
-from ..selection import ParamSpec
 from .discovery import resolve_path
 from .errors import CheckpointError, CheckpointMismatchError, listed
 from .peft_source import LoraSource, is_adapter_folder
 from .safetensors_source import SafetensorsSource
-from .tensor_specs import specs_from_shapes
+from .views import ViewPlan, plan_views
 
 __all__ = ["TensorSource", "open_checkpoint", "check_series", "FP16_NOTE"]
 
@@ -70,8 +69,9 @@ def _header(source: TensorSource) -> tuple[dict[str, tuple[int, ...]], dict[str,
     return {n: source.shape(n) for n in names}, {n: source.dtype(n) for n in names}
 
 
-def check_series(base: TensorSource, checkpoints: list[TensorSource], config: MonitorConfig) -> list[ParamSpec]:
-    """The monitored matrices of ``base``, after checking that every checkpoint holds them with the same shapes.
+def check_series(base: TensorSource, checkpoints: list[TensorSource], config: MonitorConfig) -> ViewPlan:
+    """The monitored matrices of ``base`` and how each is read (``views.plan_views``), after checking that every
+    checkpoint holds the base's tensors with the same shapes.
 
     Compared per checkpoint: ``config.json`` ``model_type`` and ``architectures``
     (when both sides have them), the set of tensor names (missing and extra
@@ -84,8 +84,9 @@ def check_series(base: TensorSource, checkpoints: list[TensorSource], config: Mo
         SelectionError: nothing in the base matches the configuration.
     """
     shapes, dtypes = _header(base)
-    specs = specs_from_shapes(shapes, dtypes, config, where=str(base.path))
-    fp16 = any(dtypes[s.name] == "F16" for s in specs)
+    plan = plan_views(base, shapes, dtypes, config)
+    read = plan.tensors
+    fp16 = any(dtypes[name] == "F16" for name in read)
     for checkpoint in checkpoints:
         for field in ("model_type", "architectures"):
             ours, theirs = getattr(base, field), getattr(checkpoint, field)
@@ -109,7 +110,7 @@ def check_series(base: TensorSource, checkpoints: list[TensorSource], config: Mo
                 f"{checkpoint.path} has tensors whose shape differs from the base {base.path}: {listed(changed)}; "
                 "a resized model cannot be compared with its base"
             )
-        fp16 = fp16 or any(checkpoint.dtype(s.name) == "F16" for s in specs)
+        fp16 = fp16 or any(checkpoint.dtype(name) == "F16" for name in read)
     if fp16:
         log.warning("compass-monitor diff: %s", FP16_NOTE)
-    return specs
+    return plan

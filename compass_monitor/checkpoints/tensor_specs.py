@@ -25,9 +25,9 @@ from ..config import MonitorConfig
 from ..selection import ParamSpec, SelectionError, _role_enabled, layer_index_of, module_type_of
 from ..selection import _LM_HEAD_RE  # the live monitor's head pattern: one definition
 
-__all__ = ["role_of_tensor", "specs_from_shapes", "natural_key"]
+__all__ = ["role_of_tensor", "specs_from_shapes", "natural_key", "FLOAT_DTYPES"]
 
-_FLOAT_DTYPES = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+FLOAT_DTYPES = _FLOAT_DTYPES = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 _EMBEDDING_RE = re.compile(r"(^|\.)(embed_tokens|word_embeddings|position_embeddings|token_type_embeddings|wte|wpe|shared|embed_positions|embeddings|embedding|tok_embeddings)$")
 _NORM_RE = re.compile(r"(norm|layernorm|ln_\w+|ln\d*|LayerNorm)$", re.IGNORECASE)
 

@@ -23,6 +23,7 @@ from .schema import (
 if TYPE_CHECKING:
     from .async_writer import AsyncWriter
     from .reader import ParamInfo, Run, open_run
+    from .spectral_arrays import SpectralDetail
     from .writer import RunWriter, SnapshotRecord
 
 _LAZY = {
@@ -32,6 +33,7 @@ _LAZY = {
     "open_run": ".reader",
     "RunWriter": ".writer",
     "SnapshotRecord": ".writer",
+    "SpectralDetail": ".spectral_arrays",
 }
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "RunWriter",
     "SchemaVersionError",
     "SnapshotRecord",
+    "SpectralDetail",
     "StoreDamagedError",
     "StoreError",
     "StoreExistsError",

@@ -66,6 +66,13 @@ def _max_frame_size(nbytes: int) -> int:
     return nbytes + (nbytes >> 8) + 3 * (nbytes // (128 * 1024) + 1) + 64
 
 
+_REREADS = 3
+
+
+class _Rewritten(Exception):
+    """The file changed while it was read (a writer reused it as a spare)."""
+
+
 class ChunkReader:
     """Reads rows along the first axis of one array of a local run store, checking every chunk.
 
@@ -95,6 +102,9 @@ class ChunkReader:
                 self._direct = True
         self._chunk_values = math.prod(self.chunks)
         self._chunk_bytes = self._chunk_values * self._dtype.itemsize
+        # The last decoded chunk, keyed by its index and file identity: snapshots share a chunk
+        # (``writer.time_chunk_rows``), and a writer replaces the file (new inode) when it adds one.
+        self._cached: tuple[tuple[int, int, int, int], np.ndarray] | None = None
 
     def chunk_path(self, index: int) -> Path:
         """File of chunk ``index`` along the first axis."""
@@ -137,6 +147,18 @@ class ChunkReader:
         return out
 
     def _chunk(self, index: int) -> np.ndarray:
+        # A writer may rewrite a file a reader has open (``RowChunks`` reuses the old version of
+        # a shared chunk as its next spare): a file whose size or mtime moved while it was read
+        # is read again from the current name; so is one that fails to decode (file times are
+        # coarse), and only what fails every time is damage.
+        for _ in range(_REREADS - 1):
+            try:
+                return self._read_chunk(index)
+            except (_Rewritten, schema.StoreDamagedError):
+                continue
+        return self._read_chunk(index, last=True)
+
+    def _read_chunk(self, index: int, last: bool = False) -> np.ndarray:
         path = self.chunk_path(index)
         block_shape = self.chunks
         if self._chunk_bytes == 0:  # an empty matrix: zarr writes no file for an empty chunk
@@ -151,7 +173,11 @@ class ChunkReader:
             what = "a symlink" if exc.errno == errno.ELOOP else f"unreadable ({exc.strerror})"
             raise self._damaged(index, path, what) from None
         try:
-            size = os.fstat(fd).st_size
+            stat = os.fstat(fd)
+            size = stat.st_size
+            identity = (index, stat.st_ino, stat.st_mtime_ns, size)
+            if self._cached is not None and self._cached[0] == identity:
+                return self._cached[1]
             if size > _max_frame_size(self._chunk_bytes):
                 raise self._damaged(index, path, f"{size} bytes, more than any chunk of {self._chunk_bytes} bytes compresses to")
             data = b""
@@ -160,10 +186,13 @@ class ChunkReader:
                 if not piece:
                     break
                 data += piece
+            after = os.fstat(fd)
         except OSError as exc:
             raise self._damaged(index, path, f"unreadable ({exc.strerror})") from None
         finally:
             os.close(fd)
+        if not last and (after.st_size, after.st_mtime_ns) != (size, stat.st_mtime_ns):
+            raise _Rewritten()
         try:
             declared = zstd_content_size(data)
         except ValueError as exc:
@@ -178,7 +207,10 @@ class ChunkReader:
         except Exception as exc:  # numcodecs raises RuntimeError/ValueError for bad frames
             reason = str(exc).replace("Zstd decompression error: ", "").strip("b\"'")
             raise self._damaged(index, path, f"corrupt ({reason})") from None
-        return buffer.view(self._dtype).reshape(block_shape)
+        block = buffer.view(self._dtype).reshape(block_shape)
+        block.flags.writeable = False  # shared by later reads of the same chunk
+        self._cached = (identity, block)
+        return block
 
     def check_present(self, stop: int) -> None:
         """Raise unless every chunk file holding rows ``0:stop`` exists (one directory listing).

@@ -74,6 +74,9 @@ def expected_shape(path: str, shapes: dict[str, tuple[int, int]], count: int) ->
         schema.NULL_OVERLAP: (None, count, len(schema.REFERENCE_MASKS)),
         schema.FRAMES: (None, count, len(schema.FRAME_FIELDS)),
         schema.SPECTRAL: (None, count, len(schema.SPECTRAL_FIELDS)),
+        schema.SPECTRAL_ANGLES: (None, count, len(schema.SPECTRAL_SIDES), None),  # K = spectral_k
+        schema.SPECTRAL_SV: (None, count, None),
+        schema.SPECTRAL_SV_BASE: (None, count, None),
         schema.BASE_FINGERPRINT: (count, 2),
         schema.BASE_CLASS_COUNTS: (count, 1 + len(schema.REFERENCE_MASKS), None),  # C = 512 or 33792 classes
     }
@@ -135,6 +138,7 @@ def verify_run(run: Any, *, limit: int = 20) -> list[str]:  # run: a reader.Run 
                 return problems
         counts = run.counts
         run.null_overlap, run.times, run.spectral_metrics  # noqa: B018 - read to check their chunks
+        run.spectral_angles, run.spectral_singular_values, run.spectral_base_singular_values  # noqa: B018
         if t_count:  # the base is written before the first snapshot
             run.base_fingerprint, run.base_class_counts  # noqa: B018
     except schema.StoreDamagedError as exc:

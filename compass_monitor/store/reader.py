@@ -28,6 +28,7 @@ from . import codec, schema
 from .chunks import ChunkReader
 from .commit import liveness, read_commit, writer_alive
 from .integrity import check_array_shape, check_params, expected_shape
+from .spectral_arrays import SpectralDetail, read_spectral_detail
 
 __all__ = ["ParamInfo", "Run", "open_run"]
 
@@ -196,6 +197,24 @@ class Run:
         return list(self.commit.get("history", []))
 
     @property
+    def resume_gaps(self) -> list[tuple[int, int]]:
+        """Steps trained without the monitor: (after_step, resumed_at) per resume whose step lay beyond the
+        last step the store had seen (a ``resumed`` event with ``gap``); steps ``after_step+1..resumed_at``
+        have no snapshot, and the first snapshot after ``resumed_at`` counts its flips since ``after_step``.
+        A gap whose resume was later rewound past (a resume at an earlier step) no longer applies."""
+        out: list[tuple[int, int]] = []
+        for event in self.history:
+            if event.get("event") != "resumed":
+                continue
+            step = event.get("step")
+            if isinstance(step, int):
+                out = [g for g in out if g[1] <= step]
+            gap = event.get("gap")
+            if isinstance(gap, list) and len(gap) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in gap):
+                out.append((int(gap[0]), int(gap[1])))
+        return out
+
+    @property
     def key_interval(self) -> int:
         return int(self.commit.get("key_interval") or self.attrs.get("storage", {}).get("key_interval", 1))
 
@@ -320,6 +339,30 @@ class Run:
             return {}
         steps = self.steps[present]
         return {name: (steps, series[present, j]) for j, name in enumerate(schema.SPECTRAL_FIELDS)}
+
+    @property
+    def spectral_angles(self) -> np.ndarray | None:
+        """All principal angles (T, P, 2, K) float64 degrees, descending (axis 2: left, right; Sec. 4.1, Fig. 4);
+        NaN where not computed and past a matrix's own k; None for a store without them."""
+        return self._series_of(schema.SPECTRAL_ANGLES)
+
+    @property
+    def spectral_singular_values(self) -> np.ndarray | None:
+        """Top-K singular values of W_t (T, P, K) float64, descending; NaN as :attr:`spectral_angles`; None if not stored."""
+        return self._series_of(schema.SPECTRAL_SV)
+
+    @property
+    def spectral_base_singular_values(self) -> np.ndarray | None:
+        """Top-K singular values of W_0 (T, P, K) float64, on every spectral snapshot; NaN as :attr:`spectral_angles`."""
+        return self._series_of(schema.SPECTRAL_SV_BASE)
+
+    def spectral_detail(self, param: str | int | ParamInfo) -> SpectralDetail | None:
+        """One matrix's principal angles and singular values over its spectral snapshots (a Fig. 4 of that layer);
+        None when the store has none (spectral off, a store from before these arrays, or the matrix failed)."""
+        info = self.param(param)
+        return read_spectral_detail(
+            self.steps, self.spectral_angles, self.spectral_singular_values, self.spectral_base_singular_values, info.index, info.shape
+        )
 
     @property
     def null_overlap(self) -> np.ndarray:
@@ -487,7 +530,7 @@ class Run:
 
     def time_arrays(self) -> list[str]:
         """Paths of the store's time-indexed arrays present (run-level, then per matrix)."""
-        names = [schema.STEPS, schema.TIMES, schema.COUNTS, schema.NULL_OVERLAP, schema.FRAMES, schema.SPECTRAL]
+        names = [schema.STEPS, schema.TIMES, schema.COUNTS, schema.NULL_OVERLAP, schema.FRAMES, schema.SPECTRAL, *schema.SPECTRAL_DETAIL]
         names += [f"{prefix}/{p.id}" for p in self.params for prefix in (schema.CHANGED_PREFIX, schema.ROWS_PREFIX, schema.COLS_PREFIX, schema.PREVIEW_PREFIX)]
         return [name for name in names if self._array(name) is not None]
 

@@ -1,17 +1,18 @@
 """Fast writes of one snapshot row into arrays chunked along time.
 
 Every per-snapshot array of the run store is chunked ``(L, *rest)`` with the
-full extent on every other axis (L = 1 for the per-matrix arrays, 1024 for the
-step and time columns), so writing snapshot ``t`` replaces exactly one chunk
-per array. zarr's general ``setitem`` costs about 0.4 ms of Python per call
+full extent on every other axis (L from ``writer.time_chunk_rows``: up to 64
+snapshots of a small array share a chunk; 1024 for the step and time columns),
+so writing snapshot ``t`` replaces exactly one chunk per array. zarr's general ``setitem`` costs about 0.4 ms of Python per call
 (selection, codec pipeline, event loop and thread hops), and for L > 1 it
 reads the chunk back before rewriting it: ~50 ms per snapshot for a 28-matrix
 model with four arrays per matrix, ten times the cost of encoding and writing
 the bytes. For arrays whose codecs are the store's own (``bytes``
 little-endian + ``zstd``) on a local disk, :class:`RowChunks` encodes the chunk
 with the same numcodecs ``Zstd`` that zarr's ``ZstdCodec`` uses and writes it
-under the key zarr's chunk key encoding names, through a temporary file and a
-rename; for L > 1 it keeps the chunk being filled in memory. The files are
+under the key zarr's chunk key encoding names, through a spare file swapped in
+atomically (:meth:`RowChunks._store_file`); for L > 1 it keeps the chunk being
+filled in memory. The files are
 exactly what zarr would write (the tests compare the bytes), so any Zarr v3
 reader opens them. Arrays with any other metadata fall back to zarr's own
 ``setitem``.
@@ -19,7 +20,10 @@ reader opens them. Arrays with any other metadata fall back to zarr's own
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +109,71 @@ class RowChunks:
 
     @staticmethod
     def _store_file(path: Path, payload: bytes, pid: int = 0) -> None:
-        """Replace the file at ``path`` atomically (temporary file, then rename)."""
+        """Replace the file at ``path`` atomically: write a spare file, then swap it in.
+
+        A chunk that several snapshots share is rewritten once per snapshot. Renaming over
+        it frees the old inode, which on ext4 costs several times a new file; so where the
+        kernel allows, the spare and the chunk are exchanged (``renameat2(RENAME_EXCHANGE)``,
+        as atomic for readers as a rename) and the old version stays behind as the next
+        write's spare (``.<key>.<pid>.tmp``; ``finalize`` removes spares). Readers detect a
+        spare rewritten under an open handle (``chunks.ChunkReader``). Elsewhere, and for a
+        chunk written for the first time, a plain ``os.replace``.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{pid}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
+        tmp = path.with_name(f"{SPARE_PREFIX}{path.name}.{pid}{SPARE_SUFFIX}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+            os.ftruncate(fd, len(payload))
+        finally:
+            os.close(fd)
+        if not _exchange(tmp, path):
+            os.replace(tmp, path)
+
+
+SPARE_PREFIX, SPARE_SUFFIX = ".", ".tmp"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _libc_renameat2() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc without renameat2 (glibc < 2.28)
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _libc_renameat2() if sys.platform.startswith("linux") else None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the files at ``a`` and ``b``; False if ``b`` does not exist or the system cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # a first write, or a file system without the exchange: rename instead
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def remove_spares(folder: Path) -> None:
+    """Delete the spare files ``RowChunks`` leaves beside shared chunks (any writer's), if any.
+
+    Spares sit beside the chunk files: in the array's folder for ``.``-separated keys, below
+    its ``c/`` for ``/``-separated ones. Symlinked folders are not followed.
+    """
+    for where, _, names in os.walk(folder):
+        for name in names:
+            if name.startswith(SPARE_PREFIX) and name.endswith(SPARE_SUFFIX):
+                try:
+                    os.unlink(os.path.join(where, name))
+                except OSError:
+                    pass

@@ -111,3 +111,19 @@ SPECTRAL_FIELDS = (
     "max_angle_right_deg",  # same, right subspaces
     "topk_energy_rel_change",  # Ky Fan k-norm change relative to W_0's (Cor. 3.5)
 )
+#: Unit of each ``SPECTRAL_FIELDS`` column ("1": dimensionless ratio); also the array's attribute ``units``.
+SPECTRAL_UNITS = ("1", "degree", "degree", "1")
+
+# The spectra behind Fig. 4 (Sec. 4.1), per spectral snapshot and matrix, K = the run's
+# ``spectral_k``; NaN where not computed and past a matrix's own k = min(K, m, n).
+# Created only when spectral diagnostics are on; older stores lack them.
+#: All K principal angles (T, P, 2, K) float64 degrees, descending; axis 2 in ``SPECTRAL_SIDES`` order.
+SPECTRAL_ANGLES = "metrics/spectral_angles"
+#: Sides of ``SPECTRAL_ANGLES``: top-K left (U) and right (V) singular subspaces of W_0 vs W_t.
+SPECTRAL_SIDES = ("left", "right")
+#: Top-K singular values of W_t (T, P, K) float64, descending, units of the weights.
+SPECTRAL_SV = "metrics/spectral_sv"
+#: Top-K singular values of W_0 (T, P, K) float64, descending; the same on every spectral snapshot.
+SPECTRAL_SV_BASE = "metrics/spectral_sv_base"
+#: The three arrays above, in the order the writer and reader list them.
+SPECTRAL_DETAIL = (SPECTRAL_ANGLES, SPECTRAL_SV, SPECTRAL_SV_BASE)

@@ -22,6 +22,7 @@ import errno
 import json
 import re
 import logging
+import math
 import os
 import shutil
 import time
@@ -39,7 +40,8 @@ from . import codec, schema
 from .commit import read_commit, write_commit, write_json_atomic, writer_identity
 from .lock import WriterLock, locked_by_another
 from .reader import open_run
-from .row_chunks import RowChunks
+from .row_chunks import RowChunks, remove_spares
+from .spectral_arrays import fit_spectral_row, spectral_attributes, spectral_detail_k
 
 __all__ = ["RunWriter", "SnapshotRecord", "check_target_free", "check_no_symlinks", "DEFAULT_KEY_INTERVAL"]
 
@@ -55,6 +57,24 @@ DEFAULT_KEY_INTERVAL = 32
 # Rows of a base-weight chunk: about 2**21 int16 values (4 MiB before compression).
 _BASE_CHUNK_VALUES = 1 << 21
 _HISTORY_LIMIT = 200
+#: Uncompressed bytes of one time-chunk of a per-snapshot array: small rows share a chunk file
+#: (a long run of small matrices would otherwise make ~4 files per matrix per snapshot).
+TIME_CHUNK_BYTES = 1 << 16
+_MAX_TIME_CHUNK_ROWS = 64
+
+
+def time_chunk_rows(row_nbytes: int, budget: int = TIME_CHUNK_BYTES) -> int:
+    """Snapshots per chunk of an array whose row holds ``row_nbytes`` bytes (uncompressed).
+
+    The largest power of two ``L <= 64`` with ``L * row_nbytes <= budget``, at least 1. Each
+    snapshot rewrites its chunk whole (atomically, ``RowChunks``), so ``budget`` bounds the
+    bytes re-encoded per array per snapshot; ``budget=0`` gives one snapshot per chunk
+    (the layout of stores written before this rule).
+    """
+    rows = 1
+    while rows < _MAX_TIME_CHUNK_ROWS and 2 * rows * max(1, row_nbytes) <= budget:
+        rows *= 2
+    return rows
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,11 @@ class SnapshotRecord:
     cols: list[np.ndarray]  # per param (n,) int32
     packed: list[np.ndarray]  # per param (nbytes,) uint8, np.packbits of the flat mask
     spectral: np.ndarray | None = None  # (P, len(SPECTRAL_FIELDS)) float64, None = not computed
+    #: The spectra of Fig. 4 (``schema.SPECTRAL_DETAIL``), None = not computed: (P, 2, K) degrees,
+    #: (P, K) singular values of W_t, (P, K) of W_0; float64, NaN-padded past each matrix's k.
+    spectral_angles: np.ndarray | None = None
+    spectral_sv: np.ndarray | None = None
+    spectral_sv_base: np.ndarray | None = None
 
 
 #: Top-level entries a store's creation writes (an interrupted creation is cleared only if it holds nothing else).
@@ -236,8 +261,12 @@ class RunWriter:
         params: list[MatrixSpec],
         attributes: dict[str, Any],
         key_interval: int = DEFAULT_KEY_INTERVAL,
+        time_chunk_bytes: int = TIME_CHUNK_BYTES,
     ) -> "RunWriter":
         """Create the store's group and arrays, and commit zero snapshots.
+
+        ``time_chunk_bytes`` sets how many snapshots share a chunk file (:func:`time_chunk_rows`);
+        0 writes one file per snapshot and array (benchmarks compare the two layouts).
 
         Takes the store's writer lock first (``lock``); a directory holding only an
         interrupted creation (no snapshots, no base weights, its writer gone) is
@@ -268,7 +297,7 @@ class RunWriter:
                 raise _os_error(root, "create", exc) from exc
             raise
         try:
-            return cls._create_locked(root, lock, params, attributes, key_interval)
+            return cls._create_locked(root, lock, params, attributes, key_interval, time_chunk_bytes)
         except BaseException as exc:
             try:  # a failed creation leaves nothing behind (but the free lock file)
                 _clear_interrupted_creation(root)
@@ -281,7 +310,8 @@ class RunWriter:
 
     @classmethod
     def _create_locked(
-        cls, root: Path, lock: WriterLock, params: list[MatrixSpec], attributes: dict[str, Any], key_interval: int
+        cls, root: Path, lock: WriterLock, params: list[MatrixSpec], attributes: dict[str, Any], key_interval: int,
+        time_chunk_bytes: int,
     ) -> "RunWriter":
         # All attributes in the group's first metadata write: zarr's ``attrs.update``
         # rewrites zarr.json once per key, and a reader polling a run being created
@@ -290,14 +320,17 @@ class RunWriter:
             "format": schema.FORMAT_NAME,
             "schema_version": schema.SCHEMA_VERSION,
             "params": [{**p.to_record(), "id": schema.param_id(i)} for i, p in enumerate(params)],
-            "storage": {"key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS, "complete_chunks": True},
+            "storage": {
+                "key_interval": int(key_interval), "preview_max_blocks": schema.PREVIEW_MAX_BLOCKS, "complete_chunks": True,
+                "time_chunk_bytes": int(time_chunk_bytes),
+            },
             **attributes,
         }
         # (not ``open_group(mode="w-")``, which refuses a folder holding anything: the lock file)
         group = zarr.create_group(store=str(root), zarr_format=3, attributes=group_attributes, overwrite=False)
         writer = cls(root, group, [p.shape for p in params], key_interval=key_interval, lock=lock)
         writer._event("created")
-        writer._create_arrays()
+        writer._create_arrays(time_chunk_bytes)
         writer._commit()
         return writer
 
@@ -311,27 +344,35 @@ class RunWriter:
             chunk_key_encoding={"name": "default", "separator": "."},
         )
 
-    def _create_arrays(self) -> None:
+    def _create_arrays(self, time_chunk_bytes: int = TIME_CHUNK_BYTES) -> None:
         p = len(self._shapes)
         t = _INITIAL_CAPACITY
+
+        def along_time(name: str, row: tuple[int, ...], dtype: str, fill: Any = 0, **kw: Any) -> zarr.Array:
+            rows = time_chunk_rows(math.prod(row) * np.dtype(dtype).itemsize, time_chunk_bytes)
+            return self._array(name, (t, *row), (rows, *row), dtype, fill, **kw)
+
         fields, masks, frame = len(schema.COUNT_FIELDS), len(schema.REFERENCE_MASKS), len(schema.FRAME_FIELDS)
         steps = self._array(schema.STEPS, (t,), (1024,), "int64", -1)
         times = self._array(schema.TIMES, (t,), (1024,), "float64", float("nan"))
-        counts = self._array(schema.COUNTS, (t, p, fields), (1, p, fields), "int64")
-        null = self._array(schema.NULL_OVERLAP, (t, p, masks), (1, p, masks), "float64", float("nan"))
-        frames = self._array(schema.FRAMES, (t, p, frame), (1, p, frame), "int64")
-        spectral = len(schema.SPECTRAL_FIELDS)
-        self._array(schema.SPECTRAL, (t, p, spectral), (1, p, spectral), "float64", float("nan"))
+        counts = along_time(schema.COUNTS, (p, fields), "int64")
+        null = along_time(schema.NULL_OVERLAP, (p, masks), "float64", float("nan"))
+        frames = along_time(schema.FRAMES, (p, frame), "int64")
+        along_time(schema.SPECTRAL, (p, len(schema.SPECTRAL_FIELDS)), "float64", float("nan"), attributes=spectral_attributes())
+        k = spectral_detail_k(dict(self._group.attrs))
+        if k:
+            for name, row in zip(schema.SPECTRAL_DETAIL, ((p, len(schema.SPECTRAL_SIDES), k), (p, k), (p, k))):
+                along_time(name, row, "float64", float("nan"), attributes=spectral_attributes(name, k))
         for i, (m, n) in enumerate(self._shapes):
             pid = schema.param_id(i)
             nbytes = (m * n + 7) // 8
             self._array(f"{schema.REFERENCE_PREFIX}/{pid}", (masks, nbytes), (1, nbytes), "uint8")
-            self._array(f"{schema.CHANGED_PREFIX}/{pid}", (t, nbytes), (1, nbytes), "uint8")
-            self._array(f"{schema.ROWS_PREFIX}/{pid}", (t, m), (1, m), "int32")
-            self._array(f"{schema.COLS_PREFIX}/{pid}", (t, n), (1, n), "int32")
+            along_time(f"{schema.CHANGED_PREFIX}/{pid}", (nbytes,), "uint8")
+            along_time(f"{schema.ROWS_PREFIX}/{pid}", (m,), "int32")
+            along_time(f"{schema.COLS_PREFIX}/{pid}", (n,), "int32")
             rows, cols = codec.preview_edges(m, n, schema.PREVIEW_MAX_BLOCKS)
-            self._array(
-                f"{schema.PREVIEW_PREFIX}/{pid}", (t, rows.size - 1, cols.size - 1), (1, rows.size - 1, cols.size - 1), "int32",
+            along_time(
+                f"{schema.PREVIEW_PREFIX}/{pid}", (rows.size - 1, cols.size - 1), "int32",
                 attributes={"row_edges": rows.tolist(), "col_edges": cols.tolist()},
             )
         self._open_handles()
@@ -342,10 +383,12 @@ class RunWriter:
         self._steps, self._times = g[schema.STEPS], g[schema.TIMES]
         self._counts, self._null, self._frames = g[schema.COUNTS], g[schema.NULL_OVERLAP], g[schema.FRAMES]
         self._growing = [self._steps, self._times, self._counts, self._null, self._frames]
-        # Stores written before the spectral array existed resume without it.
+        # Stores written before the spectral arrays existed (or with spectral off) resume without them.
         self._spectral = g[schema.SPECTRAL] if schema.SPECTRAL in g else None
         if self._spectral is not None:
             self._growing.append(self._spectral)
+        self._spectral_detail = {name: g[name] for name in schema.SPECTRAL_DETAIL if name in g}
+        self._growing += list(self._spectral_detail.values())
         self._per_param, self._reference, self._edges = [], [], []
         for i, (m, n) in enumerate(self._shapes):
             pid = schema.param_id(i)
@@ -367,6 +410,8 @@ class RunWriter:
         }
         if self._spectral is not None:
             self._run_rows["spectral"] = RowChunks(self._spectral)
+        for name, array in self._spectral_detail.items():
+            self._run_rows[name] = RowChunks(array)
         self._capacity = min(int(a.shape[0]) for a in self._growing)
 
     def write_base(
@@ -580,6 +625,10 @@ class RunWriter:
         if self._spectral is not None:
             spectral = np.full(self._spectral.shape[1:], np.nan) if record.spectral is None else record.spectral
             writes.append((self._run_rows["spectral"], np.asarray(spectral, dtype=np.float64)[None]))
+        detail = (record.spectral_angles, record.spectral_sv, record.spectral_sv_base)
+        for (name, array), value in zip(((n, self._spectral_detail.get(n)) for n in schema.SPECTRAL_DETAIL), detail):
+            if array is not None:
+                writes.append((self._run_rows[name], fit_spectral_row(value, array.shape[1:], name)[None]))
         self._write_rows(t, writes)
         self._count = t + 1
         self._last_step = int(record.step)
@@ -686,6 +735,7 @@ class RunWriter:
         for array in self._growing:
             if array.shape[0] != self._count:
                 array.resize((self._count, *array.shape[1:]))
+            remove_spares(self.path / array.path)  # the old versions of shared chunks (RowChunks)
         self._capacity = self._count
         with warnings.catch_warnings():  # consolidated metadata is an extension that zarr warns about
             warnings.simplefilter("ignore")
