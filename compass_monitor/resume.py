@@ -44,7 +44,7 @@ from .shard_geometry import aligned_nbytes, clear_outside, pack_aligned, slice_a
 from .store import schema
 from .store.reader import Run, open_run
 
-__all__ = ["ResumePoint", "agree", "agreed_config", "resume_config", "read_resume_point", "restore_probe", "rewind_point", "MEASUREMENT_FIELDS", "MAX_UNEXPLAINED_CHANGE"]
+__all__ = ["ResumePoint", "agree", "agreed_config", "resume_config", "read_resume_point", "restore_probe", "rewind_point", "last_seen_step", "unmonitored_gap", "MEASUREMENT_FIELDS", "MAX_UNEXPLAINED_CHANGE"]
 
 #: Config fields that define what is measured; a resumed run must keep them.
 MEASUREMENT_FIELDS = (
@@ -73,6 +73,10 @@ class ResumePoint:
         last_snapshot_step: step of the last kept snapshot, None if none is kept.
         latest: (step, counts (P, 6), null (P, 3)) of the last kept snapshot, or None.
         class_counts: the stored base class counts (P, 4, 512).
+        gap: ``(last_seen, step)`` when training went on without the monitor between the last step the
+            store saw and ``step`` (see :func:`unmonitored_gap`), else None.
+        unseen_from: with a gap, the first step certainly trained without the monitor (the first
+            snapshot due after the last seen step).
     """
 
     step: int
@@ -81,6 +85,8 @@ class ResumePoint:
     last_snapshot_step: int | None
     latest: tuple[int, np.ndarray, np.ndarray] | None
     class_counts: np.ndarray
+    gap: tuple[int, int] | None = None
+    unseen_from: int | None = None
 
 
 def _refuse(run_dir: Any, what: str) -> schema.ResumeError:
@@ -177,11 +183,58 @@ def _check_not_live(run: Run) -> None:
         raise _refuse(run.path, f"process {writer['pid']} on this host is still writing it (heartbeat {age:.0f} s ago); stop it first")
 
 
+def last_seen_step(run: Run, upto: int | None = None) -> int:
+    """The last optimizer step (at most ``upto``) the store is known to have seen, 0 (the base) if none.
+
+    Seen are: the commit's ``last_step`` and the stored snapshots' steps, the steps of snapshots skipped
+    because the writer was behind (``gaps``), and the steps of the ``resumed`` and ``disabled`` events
+    that a later resume did not rewind past (a resume at step r abandons what was recorded after r).
+    """
+    marks: list[int] = [0]
+    for event in run.history:
+        step = event.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            continue
+        if event.get("event") == "resumed":
+            marks = [m for m in marks if m <= step]
+            marks.append(step)
+        elif event.get("event") == "disabled":
+            marks.append(step)
+    last = run.commit.get("last_step")
+    if last is not None:
+        marks.append(int(last))
+    marks += [int(x) for x in run.steps]
+    marks += [int(g[1]) for g in run.gaps]
+    if upto is not None:
+        marks = [m for m in marks if m <= upto]
+    return max(marks, default=0)
+
+
+def _first_due(run: Run, seen: int) -> int:
+    """The first step after ``seen`` at which the run's cadence (``every_n_steps``) has a snapshot due."""
+    every = run.config.get("every_n_steps", 1)
+    every = every if isinstance(every, int) and not isinstance(every, bool) and every > 0 else 1
+    return (seen // every + 1) * every
+
+
+def unmonitored_gap(run: Run, step: int) -> tuple[int, int] | None:
+    """``(last_seen, step)`` when continuing at ``step`` means steps were trained without the monitor
+    (``last_seen``: the last step at most ``step`` the store saw, :func:`last_seen_step`), else None.
+
+    That is certain once the run's cadence had a snapshot due after the last seen step and at or before
+    ``step``: a monitor that saw that step would have stored it (or recorded skipping it). A resume
+    between two due snapshots (the usual checkpoint between snapshots) is not a gap.
+    """
+    seen = last_seen_step(run, upto=int(step))
+    return (seen, int(step)) if step >= _first_due(run, seen) else None
+
+
 def _keep_point(run: Run, resume_step: int | None) -> ResumePoint:
     steps = run.steps
     step = int(resume_step) if resume_step is not None else int(run.commit.get("last_step") or 0)
     if step < 0:
         raise _refuse(run.path, f"resume_step must be >= 0, got {step}")
+    gap = unmonitored_gap(run, step)
     keep = int(np.searchsorted(steps, step, side="right"))
     latest = (int(steps[keep - 1]), run.counts[keep - 1], run.null_overlap[keep - 1]) if keep else None
     return ResumePoint(
@@ -191,6 +244,8 @@ def _keep_point(run: Run, resume_step: int | None) -> ResumePoint:
         last_snapshot_step=int(steps[keep - 1]) if keep else None,
         latest=latest,
         class_counts=np.asarray(run.base_class_counts),
+        gap=gap,
+        unseen_from=_first_due(run, gap[0]) if gap else None,
     )
 
 
@@ -318,7 +373,10 @@ def rewind_point(probe: ShardProbe, writer: Any, run_dir: Any, step: int) -> Res
             raise RuntimeError(f"the run-store writer failed ({writer.error_context}): {type(writer.error).__name__}: {writer.error}")
         run = open_run(run_dir)
         point = _keep_point(run, step)
-        writer.call(lambda store: store.resume(point.keep, event={"step": step, "by": "load_state_dict", "world_size": comm.world_size}))
+        event: dict[str, Any] = {"step": step, "by": "load_state_dict", "world_size": comm.world_size}
+        if point.gap is not None:
+            event["gap"] = list(point.gap)  # [last step the store saw, step rewound to]: trained unmonitored
+        writer.call(lambda store: store.resume(point.keep, event=event))
         opened.append(run)
         return point
 

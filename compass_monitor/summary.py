@@ -78,6 +78,15 @@ def summary_text(run: Run, *, max_rows: int = 20) -> str:
             + (", ..." if len(gaps) > 8 else ""),
             "  ",
         )
+    unmonitored = getattr(run, "resume_gaps", [])
+    if unmonitored:
+        lines += _wrap(
+            "not monitored (resumed past the last step the store saw): "
+            + "; ".join(f"after step {a}, resumed at step {b}" for a, b in unmonitored[:8])
+            + ("; ..." if len(unmonitored) > 8 else "")
+            + "; the next snapshot's step-to-step flips span the gap",
+            "  ",
+        )
     dropped = [e for e in getattr(run, "history", []) if e.get("event") == "resumed" and e.get("dropped")]
     if dropped:
         lines += _wrap("resumed: " + "; ".join(f"at step {e.get('step')}, {e.get('dropped')} later snapshot(s) dropped" for e in dropped), "  ")
