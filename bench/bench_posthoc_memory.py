@@ -76,7 +76,9 @@ def main() -> None:
                 write_pair(root, layers)
             for mode in ("reread", "held"):
                 cmd = [sys.executable, __file__, "--_mode", mode, "--workdir", str(root)]
-                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"layers {layers} {mode}: exit status {done.returncode}\n{done.stderr[-4000:]}")
                 r = json.loads(done.stdout.strip().splitlines()[-1])
                 r.update(layers=layers, mode=mode)
                 print(f"layers {layers} {mode:>6}: {r['seconds']:7.1f} s, peak RSS {r['peak_rss'] / 2**20:7.0f} MiB", file=sys.stderr, flush=True)
