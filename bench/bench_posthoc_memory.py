@@ -10,12 +10,15 @@ that process's VmHWM), side by side in one run:
 * ``held``: ``hold_base=True``, the live monitor's layout (2 bytes of W0 and
   4 bits of masks per weight in memory).
 
-The bound to read: the growth of peak RSS per added layer against the layer's
-bf16 bytes. The base capture works on groups of consecutive matrices of up to
-``probe.BASE_GROUP_ELEMENTS`` (64M) weights, about 30 bytes of temporaries per
-weight of a group; a group fills up by two Qwen2-1.5B layers (47M weights
-each), so the layer counts compared start at 2. Both modes write the same
-store (checked here on the stored counts).
+The bound to read: peak RSS against the number of layers. With W0 reread the
+base capture works on groups of consecutive matrices of at most the largest
+matrix's weights (``probe._base_groups``), so its peak is set by the largest
+matrix (the 8960 x 1536 MLP projections here), not by the model; with W0 held
+the groups go up to ``probe.BASE_GROUP_ELEMENTS`` (64M) weights and W0 plus its
+masks stay in memory. Peak RSS is VmHWM; the sampled peaks of RssAnon and
+RssFile split it into what the process allocated and the memory-mapped
+checkpoint pages (clean page cache the kernel may drop). Both modes write the
+same store (checked here on the stored counts).
 
 Usage: python bench/bench_posthoc_memory.py [--layers 2 6] [--workdir DIR]
 Writes bench/results/posthoc_memory_cpu.json.
@@ -31,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +42,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_posthoc import HIDDEN, INTERMEDIATE, _peak_rss, evict, write_pair  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class RssSampler:
+    """Peaks of this process's anonymous and file-backed resident memory, sampled every ``interval`` s.
+
+    VmHWM counts the memory-mapped checkpoint pages too (RssFile: clean page cache the
+    kernel can drop under pressure); RssAnon is what the process itself allocated.
+    """
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.peak = interval, {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in self.peak:
+                self.peak[key] = max(self.peak[key], int(line.split()[1]) * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
 
 
 def measure(root: Path, mode: str) -> dict:
@@ -49,13 +85,15 @@ def measure(root: Path, mode: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     evict(root)
     t0 = time.perf_counter()
-    result = diff_checkpoints(root / "base", resolve_steps([root / "checkpoint-100"]), out, config=MonitorConfig(principal_rank=64, snapshot_on_close=False),
-                              progress=False, device="cpu", hold_base=(mode == "held"))
+    with RssSampler() as rss:
+        result = diff_checkpoints(root / "base", resolve_steps([root / "checkpoint-100"]), out, config=MonitorConfig(principal_rank=64, snapshot_on_close=False),
+                                  progress=False, device="cpu", hold_base=(mode == "held"))
     seconds = time.perf_counter() - t0
     run = open_run(out)
     return {"seconds": seconds, "base": result.seconds["base"], "snapshot": result.seconds["step 100"],
             "monitored_weights": sum(s.numel for s in result.specs), "largest_matrix_weights": max(s.numel for s in result.specs),
-            "changed": run.counts[0, :, 0].tolist(), "peak_rss": _peak_rss()}
+            "changed": run.counts[0, :, 0].tolist(), "peak_rss": _peak_rss(),
+            "peak_rss_anon_sampled": rss.peak["RssAnon"], "peak_rss_file_sampled": rss.peak["RssFile"]}
 
 
 def main() -> None:
@@ -106,6 +144,8 @@ def main() -> None:
             "peak_rss_growth_bytes": growth,
             "growth_vs_layer_bytes": {mode: g / layer_bytes for mode, g in growth.items()},
         },
+        "peak_rss_vs_model_bf16_bytes": {f"{n} {mode}": by[(n, mode)]["peak_rss"] / (2 * by[(n, mode)]["monitored_weights"]) for n in args.layers for mode in ("reread", "held")},
+        "largest_matrix_bf16_bytes": 2 * by[(hi, "held")]["largest_matrix_weights"],
         "peak_rss_reread_vs_held": {str(n): by[(n, "reread")]["peak_rss"] / by[(n, "held")]["peak_rss"] for n in args.layers},
         "seconds_reread_vs_held": {str(n): by[(n, "reread")]["seconds"] / by[(n, "held")]["seconds"] for n in args.layers},
         "stores_equal_counts": same,

@@ -92,16 +92,31 @@ def resident(state: ShardState) -> Iterator[ShardState]:
     if off is None:
         yield state
         return
-    bits = canonical_bits(bf16_bits(off.base()).reshape(-1)).to(off.device)
-    if bits.numel() != state.numel:
-        raise ShardingError(f"the base of {state.shard.spec.name!r} now has {bits.numel()} weights, had {state.numel} when it was captured")
-    state.base_bits = bits
+    state.base_bits = base_codes(state)
     state.reference_packed = torch.from_numpy(off.reference()).to(off.device)
     state.previous_packed = torch.from_numpy(off.previous()).to(off.device)
     try:
         yield state
     finally:
         state.base_bits, state.reference_packed, state.previous_packed = _EMPTY_CODES, _EMPTY_MASK.view(0, 0), _EMPTY_MASK
+
+
+def base_codes(state: ShardState) -> torch.Tensor:
+    """W0's (numel,) int16 canonical bf16 codes of ``state``: held, or reread for an offloaded state.
+
+    Touches nothing of ``state``: the store writer's thread reads codes while the
+    training thread may be inside :func:`resident` on the same state.
+
+    Raises:
+        ShardingError: the reread base no longer has the range's size (the base file changed).
+    """
+    off = state.offload
+    if off is None:
+        return state.base_bits
+    bits = canonical_bits(bf16_bits(off.base()).reshape(-1)).to(off.device)
+    if bits.numel() != state.numel:
+        raise ShardingError(f"the base of {state.shard.spec.name!r} now has {bits.numel()} weights, had {state.numel} when it was captured")
+    return bits
 
 
 def fingerprint_partial(bits: torch.Tensor, start: int) -> torch.Tensor:

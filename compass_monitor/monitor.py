@@ -367,6 +367,7 @@ class CompassMonitor:
         try:
             fn(*args)
         except Exception as exc:  # the monitor must never take training down (Ctrl-C still propagates)
+            log.debug("compass-monitor: the failure that disables the monitor", exc_info=True)
             self._disable(str(exc) if isinstance(exc, SnapshotFailed) else f"{type(exc).__name__}: {exc}")
 
     def _disable(self, reason: str) -> None:

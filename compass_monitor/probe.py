@@ -62,7 +62,7 @@ from .bf16 import ABS_MASK, INF_BITS, bf16_bits, canonical_bits
 from .collectives import Comm
 from .config import MonitorConfig
 from .exact_selection import select_count, top_count_masks
-from .matrix_probe import _FP_MOD, ShardState, fingerprint_partial, measure_range, resident
+from .matrix_probe import _FP_MOD, ShardState, base_codes, fingerprint_partial, measure_range, resident
 from .precision_null import NUM_CLASSES as _NUM_CLASSES
 from .precision_null import class_counts as _class_counts
 from .principal_sharded import ShardedPrincipal
@@ -300,13 +300,19 @@ class ShardProbe:
 
         The base is computed group by group (about 30 bytes of temporaries per
         local weight of a group); the grouping comes from the geometry, so it is
-        the same on every rank.
+        the same on every rank. Where W0 is reread (``ShardLayout.base_values``)
+        a group holds at most the largest matrix's weights, so the capture's peak
+        depends on the largest matrix, not on the model.
         """
+        biggest_of = [max(k for _, k in per_rank) for per_rank in self.geometry.ranges]
+        limit = BASE_GROUP_ELEMENTS
+        if self.layout.base_values is not None and biggest_of:
+            # W0 is reread (post hoc, a model that may not fit): the peak is set by the largest matrix
+            limit = min(limit, max(biggest_of))
         groups: list[list[int]] = []
         size = 0
-        for p, per_rank in enumerate(self.geometry.ranges):
-            biggest = max(k for _, k in per_rank)
-            if groups and groups[-1] and size + biggest <= BASE_GROUP_ELEMENTS:
+        for p, biggest in enumerate(biggest_of):
+            if groups and groups[-1] and size + biggest <= limit:
                 groups[-1].append(p)
                 size += biggest
             else:
@@ -356,8 +362,7 @@ class ShardProbe:
 
     @staticmethod
     def _codes_of(state: ShardState) -> np.ndarray:
-        with resident(state):  # an offloaded W0 is reread; the array keeps it alive after the block
-            return state.base_bits.cpu().numpy()
+        return base_codes(state).cpu().numpy()  # runs on the writer's thread: reads, never mutates, the state
 
     def whole_matrix(self, p: int, *, base: bool) -> torch.Tensor | None:
         """Matrix ``p`` as an (m, n) bf16 tensor on rank 0 (None elsewhere): W0 or the current weights.
@@ -367,10 +372,7 @@ class ShardProbe:
         the spectral diagnostics, at their own cadence (the masks never need it).
         """
         state, shape = self.states[p], self.geometry.shapes[p]
-        base_bits = state.base_bits
-        if base and state.offload is not None:
-            with resident(state):  # reread; the tensor outlives the block
-                base_bits = state.base_bits
+        base_bits = base_codes(state) if base else state.base_bits
         if self.comm.world_size == 1:
             codes = base_bits if base else bf16_bits(state.shard.local())
             return codes.view(torch.bfloat16).reshape(shape)

@@ -92,3 +92,32 @@ def test_reread_store_equals_held_store(series, tmp_path):
             np.testing.assert_array_equal(a.row_counts(p)[t], b.row_counts(p)[t])
     np.testing.assert_array_equal(a.spectral_angles, b.spectral_angles)
     np.testing.assert_array_equal(a.spectral_singular_values, b.spectral_singular_values)
+
+
+def test_reading_codes_inside_resident_leaves_the_state_resident(series, tmp_path):
+    """The store writer's thread reads W0 codes while the training thread measures the same matrix.
+
+    Reading codes must not touch the state: before the fix the reader entered ``resident``
+    itself and its exit emptied the measuring thread's W0 (a Qwen2-shaped 6-layer diff
+    failed with "cannot reshape array of size 0 into shape (8960,1536)").
+    """
+    from compass_monitor.matrix_probe import resident
+
+    base = open_checkpoint(series / "base")
+    plan = check_series(base, [open_checkpoint(series / "checkpoint-1")], CONFIG)
+    layout = build_layout(plan.specs, CheckpointCursor(base, views=plan.views), base=CheckpointCursor(base, views=plan.views))
+    monitor = CompassMonitor.from_layout(layout, tmp_path / "run", config=CONFIG)
+    probe = monitor.probe
+    codes = probe.gather_base_codes()
+    state = probe.states[0]
+    with resident(state):
+        held = state.base_bits.clone()
+        read = codes[0]  # what the writer thread does meanwhile
+        assert state.base_bits.numel() == state.numel == read.size
+        np.testing.assert_array_equal(state.base_bits.numpy(), held.numpy())
+        assert state.reference_packed.shape[1] == aligned_nbytes(0, state.numel)
+    np.testing.assert_array_equal(read, held.numpy())
+    assert probe.whole_matrix(0, base=True).numel() == state.numel
+    assert state.base_bits.untyped_storage().nbytes() == 0  # still dropped after the block
+    monitor.close()
+

@@ -10,6 +10,7 @@ from torch import nn
 
 from compass_monitor import CompassMonitor, MonitorConfig, open_run
 from compass_monitor.integrations.pytorch import attach_optimizer
+from compass_monitor.store.inspect import inspect_text
 from compass_monitor.summary import summary_text
 
 CONFIG = MonitorConfig(every_n_steps=1, principal_rank=2)
@@ -90,6 +91,7 @@ def test_resume_far_past_the_last_step_is_accepted_warned_once_and_recorded(tmp_
     assert event["step"] == 1000 and event["gap"] == [4, 1000] and event["kept"] == 4 and event["dropped"] == 0
     assert run.resume_gaps == [(4, 1000)]
     assert "not monitored (resumed past the last step the store saw): after step 4, resumed at step 1000" in flat(summary_text(run))
+    assert "  not monitored: steps 5..1000 (resumed at 1000 after step 4)" in inspect_text(run_dir).splitlines()
 
 
 def test_resume_at_the_last_step_records_no_gap_and_no_warning(tmp_path, caplog):
@@ -103,6 +105,7 @@ def test_resume_at_the_last_step_records_no_gap_and_no_warning(tmp_path, caplog)
     assert all("gap" not in e for e in resumed_events(run))
     assert run.resume_gaps == []
     assert "not monitored" not in summary_text(run)
+    assert "  not monitored: none" in inspect_text(run_dir).splitlines()
 
 
 def test_rewind_below_the_last_step_records_no_gap(tmp_path, caplog):

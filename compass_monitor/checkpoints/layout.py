@@ -18,6 +18,8 @@ changed masks, and the store writer's previous masks), not by the model.
 
 from __future__ import annotations
 
+import threading
+
 from collections.abc import Callable
 
 import torch
@@ -55,15 +57,23 @@ class CheckpointCursor:
         self.device = torch.device(device)
         self._read: set[str] = set()
         self._last: tuple[str, torch.Tensor] | None = None
+        # The store writer's thread rereads W0 (its codes) while the training thread reads too:
+        # the one-tensor cache must never hand one thread the other's tensor.
+        self._lock = threading.Lock()
 
     def move_to(self, source: TensorSource) -> None:
         """Point every shard at ``source`` from now on."""
-        self.source = source
-        self._read = set()
-        self._last = None
+        with self._lock:
+            self.source = source
+            self._read = set()
+            self._last = None
 
     def stored(self, tensor: str) -> torch.Tensor:
         """The checkpoint tensor ``tensor`` as stored (header shape and dtype), on ``device``."""
+        with self._lock:
+            return self._stored(tensor)
+
+    def _stored(self, tensor: str) -> torch.Tensor:
         if self._last is not None and self._last[0] == tensor:
             return self._last[1]
         self._last = None  # the previous tensor is dropped before the next is read
@@ -74,13 +84,17 @@ class CheckpointCursor:
         return value
 
     def load(self, name: str) -> torch.Tensor:
-        """Matrix ``name`` from the current checkpoint, as a 1-D tensor in row-major order (its stored dtype), on ``device``."""
+        """Matrix ``name`` from the current checkpoint, as a 1-D tensor in row-major order (its stored dtype), on ``device``.
+
+        Safe to call from several threads.
+        """
         view = self.views.get(name) or TensorView(name)
-        tensor = view.apply(self.stored(view.tensor))
-        if name not in self._read:
+        with self._lock:
+            tensor = view.apply(self._stored(view.tensor))
+            first = name not in self._read
             self._read.add(name)
-            if self.on_first_read is not None:
-                self.on_first_read(name)
+        if first and self.on_first_read is not None:
+            self.on_first_read(name)
         return tensor.reshape(-1)
 
 

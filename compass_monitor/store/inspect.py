@@ -200,6 +200,13 @@ def inspect_text(path: str | os.PathLike[str], *, verify: bool = True) -> str:
         lines.append("  truncations: " + "; ".join(f"resumed at step {e.get('step')} dropped {e.get('dropped')} snapshot(s)" for e in truncations))
     else:
         lines.append("  truncations: none")
+    unmonitored = run.resume_gaps
+    if unmonitored:
+        shown = "; ".join(f"steps {a + 1}..{b} (resumed at {b} after step {a})" for a, b in unmonitored[:8])
+        more = f"; ... ({len(unmonitored) - 8} more)" if len(unmonitored) > 8 else ""
+        lines.append(f"  not monitored: {shown}{more}")
+    else:
+        lines.append("  not monitored: none")
     if run.history:
         lines.append("  history:")
         lines.extend(f"    {_history_line(e)}" for e in run.history[-12:])
