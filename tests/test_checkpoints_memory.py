@@ -58,6 +58,9 @@ def test_the_probe_holds_nothing_of_the_base(series, tmp_path):
     monitor = CompassMonitor.from_layout(layout, tmp_path / "run", config=CONFIG)
     states = monitor.probe.states
     assert len(states) == len(plan.specs) == 12  # 2 layers x (q, k, v of c_attn, o, up, down)
+    groups = monitor.probe._base_groups()  # W0 reread: the capture's working set is bounded by the largest matrix
+    assert sorted(p for g in groups for p in g) == list(range(12)) and len(groups) > 1
+    assert max(sum(states[p].numel for p in g) for g in groups) == max(s.numel for s in states)
     assert all(s.offload is not None for s in states)
     held = lambda: sum(t.untyped_storage().nbytes() for s in states for t in (s.base_bits, s.reference_packed, s.previous_packed))  # noqa: E731
     assert held() == 0  # storage, not numel: an empty view would keep W0 alive

@@ -19,7 +19,6 @@ changed masks, and the store writer's previous masks), not by the model.
 from __future__ import annotations
 
 import threading
-
 from collections.abc import Callable
 
 import torch
